@@ -1,0 +1,98 @@
+"""Next-token cross-entropy with a site replaced: the spliced LM loss and the fraction of loss recovered.
+
+Definitions (DESIGN.md; App. B of the dimensional-collapse paper; footnote 8 for Delta LM loss):
+
+- CE is the mean next-token cross-entropy over pairs (t, t+1) where both positions are ordinary tokens
+  (`stat_mask`), so bos, eos and padding neither predict nor are predicted.
+- `ce_spliced`: the site's activation replaced by a reconstruction at the ordinary positions; `ce_zero_ablation`:
+  replaced by zero; `delta_lm_loss = ce_spliced - ce_clean`;
+  `loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)`.
+
+Logits are computed in chunks of positions, so a 49k-token vocabulary never materializes a [batch, seq, vocab]
+tensor for a whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from ranklens.data.tokenize import TokenBatch
+from ranklens.errors import RanklensError
+from ranklens.lm.sites import Architecture, Site
+from ranklens.lm.splice import RowMap, replace_site
+
+_LOGIT_CHUNK = 2048  # positions per LM-head matmul
+
+
+def lm_head(model: torch.nn.Module, arch: Architecture) -> torch.nn.Module:
+    """The causal LM head applied after the base model's final norm."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not arch.causal:
+        raise RanklensError(f"model type {model.config.model_type!r} ({type(model).__name__}) has no causal LM "
+                            "head; the spliced LM loss needs a causal language model")
+    return head
+
+
+def _sum_ce(model: torch.nn.Module, arch: Architecture, batch: TokenBatch) -> tuple[float, int]:
+    """Sum of next-token CE and the number of counted pairs for one batch, with whatever hooks are active."""
+    head = lm_head(model, arch)
+    kwargs = {"use_cache": False} if arch.accepts_use_cache else {}
+    out = arch.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    pairs = batch.stat_mask[:, :-1] & batch.stat_mask[:, 1:]
+    h = hidden[:, :-1][pairs]  # [n, d]
+    targets = batch.input_ids[:, 1:][pairs]
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    total = 0.0
+    for start in range(0, h.shape[0], _LOGIT_CHUNK):
+        logits = head(h[start:start + _LOGIT_CHUNK]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        total += float(F.cross_entropy(logits, targets[start:start + _LOGIT_CHUNK], reduction="sum"))
+    return total, int(pairs.sum())
+
+
+def cross_entropies(model: torch.nn.Module, arch: Architecture, batches: Iterable[TokenBatch], site: Site | None,
+                    replacements: Mapping[str, RowMap | None]) -> dict[str, float]:
+    """Mean CE for each named replacement of `site` (None = the clean model), over the same batches."""
+    batches = list(batches)
+    device = next(model.parameters()).device
+    result: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, fn in replacements.items():
+            total, count = 0.0, 0
+            for batch in batches:
+                batch = TokenBatch(batch.input_ids.to(device), batch.attention_mask.to(device),
+                                   batch.stat_mask.to(device), batch.lengths, batch.n_docs)
+                ctx = nullcontext() if fn is None else replace_site(arch, site, fn, batch.stat_mask)
+                with ctx:
+                    s, c = _sum_ce(model, arch, batch)
+                total, count = total + s, count + c
+            if count == 0:
+                raise RanklensError("no token pairs to evaluate the LM loss on; expected held-out text with at "
+                                    "least two ordinary tokens per sequence")
+            result[name] = total / count
+    return result
+
+
+def zero_ablation(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x)
+
+
+def spliced_metrics(ce_clean: float, ce_spliced: float, ce_zero: float) -> dict[str, float]:
+    """The metric names shared by SAE, Lorsa and subspace evaluations."""
+    gap = ce_zero - ce_clean
+    return {"ce_clean": ce_clean, "ce_spliced": ce_spliced, "ce_zero_ablation": ce_zero,
+            "delta_lm_loss": ce_spliced - ce_clean,
+            "loss_recovered": (ce_zero - ce_spliced) / gap if gap != 0 else float("nan")}
+
+
+def spliced_lm_loss(model: torch.nn.Module, arch: Architecture, batches: Iterable[TokenBatch], site: Site,
+                    fn: RowMap) -> dict[str, float]:
+    """Clean, spliced and zero-ablated CE at `site`, and the derived Delta LM loss and loss recovered."""
+    ce = cross_entropies(model, arch, batches, site, {"clean": None, "spliced": fn, "zero": zero_ablation})
+    return spliced_metrics(ce["clean"], ce["spliced"], ce["zero"])
