@@ -55,3 +55,17 @@ def test_deterministic(smollm2):
 def test_context_too_short(minilm):
     with pytest.raises(RanklensError, match="context length 2"):
         list(token_sequences(["x"], minilm.tokenizer, context_length=2))
+
+
+def test_first_tokens_cuts_after_the_sequence_reaching_the_count(smollm2):
+    from ranklens.data.tokenize import first_tokens
+
+    batches = list(token_batches(DOCS * 4, smollm2.tokenizer, context_length=64, batch_tokens=512))
+    for n in (1, 10, 100, 150):
+        taken = first_tokens(iter(batches), n)
+        total = sum(b.n_tokens for b in taken)
+        last_row = int(taken[-1].stat_mask[-1].sum())
+        assert total >= n and total - last_row < n  # the last sequence is the one that reaches n
+        assert torch.equal(taken[0].input_ids, batches[0].input_ids[: len(taken[0].lengths), : taken[0].input_ids.shape[1]])
+    everything = sum(b.n_tokens for b in batches)
+    assert sum(b.n_tokens for b in first_tokens(iter(batches), 10**9)) == everything

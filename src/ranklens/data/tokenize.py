@@ -68,7 +68,7 @@ def token_sequences(documents: Iterable[str], tokenizer, context_length: int = D
                             f"{len(special.prefix) + len(special.suffix) + 1}")
     consumed = 0
     for chunk in _chunks(documents, 64):  # the fast tokenizer is much faster on batches
-        encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        encoded = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]  # we truncate ourselves
         for ids in encoded:
             consumed += 1
             if ids:
@@ -118,3 +118,25 @@ def _pad(sequences: list[list[int]], special: SpecialTokens, n_docs: int) -> Tok
     excluded = torch.tensor(sorted(special.excluded), dtype=torch.int64)
     stat_mask = attention_mask.bool() & ~torch.isin(input_ids, excluded)
     return TokenBatch(input_ids, attention_mask, stat_mask, lengths, n_docs)
+
+
+def first_tokens(batches: Iterable[TokenBatch], n_tokens: int) -> list[TokenBatch]:
+    """The leading whole sequences of `batches` that hold at least `n_tokens` tokens (fewer if they run out).
+
+    The last batch is cut after the sequence that reaches the count, so held-out sets are as large as asked,
+    not as large as a batch happens to be.
+    """
+    out: list[TokenBatch] = []
+    seen = 0
+    for batch in batches:
+        per_row = batch.stat_mask.sum(1)
+        needed = int(torch.searchsorted(per_row.cumsum(0), n_tokens - seen)) + 1
+        if needed < len(per_row):
+            width = int(batch.lengths[:needed].max())
+            batch = TokenBatch(batch.input_ids[:needed, :width], batch.attention_mask[:needed, :width],
+                               batch.stat_mask[:needed, :width], batch.lengths[:needed], batch.n_docs)
+        out.append(batch)
+        seen += batch.n_tokens
+        if seen >= n_tokens:
+            break
+    return out

@@ -1,0 +1,391 @@
+"""`ranklens spectrum`: the dimensional-collapse measurements of Section 4 for every requested site.
+
+Steps, each cached in the run directory so a rerun resumes or reuses them:
+
+1. accumulate: one (early-stopped) forward pass per batch feeds a float64 covariance accumulator per site; with
+   `splits > 1` the batches are dealt round-robin to disjoint split accumulators (App. C) whose merge is the full
+   one. With `exclude_outliers`, norm statistics from a calibration prefix set the footnote-3 bound first. The
+   state is checkpointed every `checkpoint_seconds`, and a killed run continues from its last checkpoint.
+2. statistics per site (Definition 4.1, Section 4.3): singular values, effective rank, share above 1%, etc.
+3. loss recovered (App. B) for `loss_recovered` sites on held-out documents (those after the accumulated ones):
+   the site replaced by mean + (x - mean) V_n V_n^T for n on a geometric grid, then bisection for the smallest n
+   that recovers 99%.
+4. W_O decomposition (Section 4.4) for `decompose` layers, from the attn_z and attn_out accumulators.
+5. comparisons (Figure 2 middle/right): the same measurement on other models or corpora, as sub-runs.
+6. spectrum.json, figures and report.html.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_tensors
+from tqdm import tqdm
+
+from ranklens.config import Config
+from ranklens.data.corpus import iter_documents
+from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, TokenBatch, first_tokens, token_batches
+from ranklens.errors import RanklensError
+from ranklens.eval.lm_loss import cross_entropies, zero_ablation
+from ranklens.lm.capture import Capturer
+from ranklens.lm.load import LoadedModel, load_model
+from ranklens.lm.sites import Architecture, Site, describe, parse_sites
+from ranklens.rundir import atomic_write_bytes, atomic_write_json, prepare_run_dir, read_json
+from ranklens.spectrum.accumulator import CovarianceAccumulator, NormStats
+from ranklens.spectrum.stats import (
+    PrincipalBasis,
+    principal_basis,
+    spectrum_summary,
+    stability_summary,
+    variance_decomposition,
+)
+
+RESULT_NAME = "spectrum.json"
+_STATE_NAME = "accumulators.safetensors"
+
+
+class SpectrumConfig(Config):
+    model: str = "smollm2-135m"
+    sites: str = "L*.attn_out,L*.attn_z,L*.mlp_out,L*.resid_post"
+    corpus: str = "default"
+    tokens: int = 100_000
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "cpu"
+    batch_tokens: int = 8192
+    gram_dtype: str = "float64"  # float32 is faster, with the precision tests/test_accumulator.py measures
+    splits: int = 1  # App. C: disjoint splits for the stability of effective rank and singular values
+    stability_sites: str | None = None  # sites that keep split accumulators (default: all when splits > 1)
+    exclude_outliers: bool = False  # footnote 3: drop activations with norm > mean + sigma * std
+    outlier_sigma: float = 5.0
+    outlier_calibration_tokens: int = 16_384
+    loss_recovered: str | None = None  # site pattern for App. B, e.g. "L15.attn_out,L15.mlp_out"
+    loss_tokens: int = 4096  # held-out tokens for the loss evaluations
+    loss_points: int = 10  # grid points over n before bisection
+    decompose: str | None = None  # layers for the Section 4.4 decomposition, e.g. "15" or "mid" or "10-20"
+    compare: str | None = None  # comparisons, e.g. "corpus=prose,corpus=code,model=minilm-l6"
+    compare_sites: str = "Lmid.attn_out,Lmid.attn_z,Lmid.mlp_out,Lmid.resid_post"
+    compare_tokens: int = 30_000
+    checkpoint_seconds: float = 120.0
+
+
+# --------------------------------------------------------------------------- step 1: accumulation
+
+
+@dataclass
+class AccumulationState:
+    """Per site, one accumulator per split (one when the site keeps no splits), plus the data position."""
+
+    accs: dict[str, list[CovarianceAccumulator]]
+    norms: dict[str, NormStats] = field(default_factory=dict)
+    docs_done: int = 0
+    tokens_done: int = 0
+    batches_done: int = 0
+    complete: bool = False
+
+    def full(self, site: str) -> CovarianceAccumulator:
+        return CovarianceAccumulator.merge_all(self.accs[site])
+
+    def save(self, path: Path) -> None:
+        tensors, meta = {}, {"docs_done": self.docs_done, "tokens_done": self.tokens_done,
+                             "batches_done": self.batches_done, "complete": self.complete, "accs": {},
+                             "norms": {k: v.state_dict() for k, v in self.norms.items()}}
+        for site, parts in self.accs.items():
+            counts = []
+            for i, acc in enumerate(parts):
+                state = acc.state_dict()
+                tensors[f"{site}/{i}/mean"] = state["mean"]
+                tensors[f"{site}/{i}/scatter"] = state["scatter"]
+                counts.append([state["n"], state["n_excluded"]])
+            meta["accs"][site] = counts
+        atomic_write_bytes(path, save_tensors(tensors, metadata={"state": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: Path, gram_dtype: torch.dtype, clip: float | None) -> AccumulationState:
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads(f.metadata()["state"])
+                accs = {site: [CovarianceAccumulator.from_state_dict(
+                    {"n": n, "n_excluded": n_ex, "mean": f.get_tensor(f"{site}/{i}/mean"),
+                     "scatter": f.get_tensor(f"{site}/{i}/scatter")}, norm_clip_sigma=clip, gram_dtype=gram_dtype)
+                    for i, (n, n_ex) in enumerate(counts)] for site, counts in meta["accs"].items()}
+        except (OSError, KeyError, ValueError) as err:
+            raise RanklensError(f"checkpoint {str(path)!r} is unreadable ({err}); delete it to start over") from err
+        norms = {k: NormStats.from_state_dict(v) for k, v in meta["norms"].items()}
+        return cls(accs, norms, meta["docs_done"], meta["tokens_done"], meta["batches_done"], meta["complete"])
+
+
+def _documents(cfg: SpectrumConfig, skip: int):
+    return itertools.islice(iter_documents(cfg.corpus, seed=cfg.seed), skip, None)
+
+
+def _calibrate_norms(lm: LoadedModel, capture: Capturer, cfg: SpectrumConfig) -> dict[str, NormStats]:
+    """Footnote 3: norm statistics per site from the first `outlier_calibration_tokens` tokens."""
+    norms = {name: NormStats() for name in capture.names}
+    seen = 0
+    for batch in token_batches(_documents(cfg, 0), lm.tokenizer, cfg.context_length, cfg.batch_tokens):
+        acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
+        for name, a in acts.items():
+            norms[name].update(a[batch.stat_mask.to(a.device)])
+        seen += batch.n_tokens
+        if seen >= cfg.outlier_calibration_tokens:
+            break
+    return norms
+
+
+def accumulate(lm: LoadedModel, sites: list[Site], split_sites: set[str], cfg: SpectrumConfig, state_dir: Path,
+               progress: bool) -> AccumulationState:
+    gram_dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.gram_dtype]
+    clip = cfg.outlier_sigma if cfg.exclude_outliers else None
+    path = state_dir / _STATE_NAME
+    capture = Capturer(lm.model, sites)
+    if path.exists():
+        state = AccumulationState.load(path, gram_dtype, clip)
+    else:
+        arch = capture.arch
+        state = AccumulationState({
+            s.name: [CovarianceAccumulator(arch.site_dim(s), norm_clip_sigma=clip, gram_dtype=gram_dtype)
+                     for _ in range(cfg.splits if s.name in split_sites else 1)] for s in sites})
+        if cfg.exclude_outliers:
+            state.norms = _calibrate_norms(lm, capture, cfg)
+    if state.complete:
+        return state
+    bar = tqdm(total=cfg.tokens, initial=state.tokens_done, unit="tok", desc="spectrum", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    last_save = time.monotonic()
+    for batch in token_batches(_documents(cfg, state.docs_done), lm.tokenizer, cfg.context_length,
+                               cfg.batch_tokens):
+        if state.tokens_done >= cfg.tokens:
+            break
+        acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
+        take = min(batch.n_tokens, cfg.tokens - state.tokens_done)  # exactly `tokens` tokens in all
+        split = state.batches_done % cfg.splits
+        for name, a in acts.items():
+            rows = a[batch.stat_mask.to(a.device)][:take]
+            parts = state.accs[name]
+            parts[split % len(parts)].update(rows, norm_bounds=state.norms.get(name))
+        state.docs_done += batch.n_docs
+        state.tokens_done += take
+        state.batches_done += 1
+        bar.update(take)
+        if time.monotonic() - last_save > cfg.checkpoint_seconds:
+            state.save(path)
+            last_save = time.monotonic()
+    bar.close()
+    if state.tokens_done < cfg.tokens:
+        print(f"warning: corpus {cfg.corpus!r} ran out after {state.tokens_done} of {cfg.tokens} tokens",
+              file=sys.stderr)
+    if state.tokens_done == 0:
+        raise RanklensError(f"corpus {cfg.corpus!r} gave no tokens; expected non-empty text")
+    state.complete = True
+    state.save(path)
+    return state
+
+
+# --------------------------------------------------------------------------- step 3: loss recovered (App. B)
+
+
+def held_out_batches(lm: LoadedModel, cfg: SpectrumConfig, skip_docs: int) -> list[TokenBatch]:
+    """Whole sequences of the documents after the accumulated ones, until `loss_tokens` tokens."""
+    batches = first_tokens(token_batches(_documents(cfg, skip_docs), lm.tokenizer, cfg.context_length,
+                                         cfg.batch_tokens), cfg.loss_tokens)
+    if not batches:
+        raise RanklensError(f"corpus {cfg.corpus!r} has no documents left for held-out loss evaluation after "
+                            f"{skip_docs} documents; lower --tokens or use a larger corpus")
+    return batches
+
+
+def subspace_projection(mean: torch.Tensor, basis: torch.Tensor):
+    """x -> mean + (x - mean) V_n V_n^T (App. B), computed in float32; n = basis.shape[1] (n = 0 gives the mean)."""
+    mean32, v32 = mean.float(), basis.float()
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        centered = x.float() - mean32
+        return mean32 + (centered @ v32) @ v32.T
+
+    return project
+
+
+def _grid(d: int, points: int) -> list[int]:
+    geometric = {int(round(v)) for v in torch.logspace(0, math.log10(d), max(points, 2)).tolist()}
+    return sorted(geometric | {0, d})
+
+
+def loss_recovered_curve(lm: LoadedModel, arch: Architecture, site: Site, mean: torch.Tensor,
+                         basis: PrincipalBasis, batches: list[TokenBatch], ce_clean: float, ce_zero: float,
+                         points: int, target: float = 0.99) -> dict[str, Any]:
+    """Fraction of loss recovered against kept components n, and the smallest n reaching `target`."""
+    d = basis.eigenvectors.shape[0]
+    ce_by_n: dict[int, float] = {}
+
+    def evaluate(ns: list[int]) -> None:
+        todo = [n for n in ns if n not in ce_by_n]
+        fns = {str(n): subspace_projection(mean, basis.eigenvectors[:, :n]) for n in todo}
+        for name, ce in cross_entropies(lm.model, arch, batches, site, fns).items():
+            ce_by_n[int(name)] = ce
+
+    def frac(n: int) -> float:
+        return (ce_zero - ce_by_n[n]) / (ce_zero - ce_clean)
+
+    grid = _grid(d, points)
+    evaluate(grid)
+    reached = [n for n in grid if frac(n) >= target]
+    n_target = None
+    if reached:  # bisect between the last grid point below the target and the first at or above it
+        hi = reached[0]
+        lo = max([n for n in grid if n < hi and frac(n) < target], default=hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            evaluate([mid])
+            lo, hi = (mid, hi) if frac(mid) < target else (lo, mid)
+        n_target = hi
+    ns = sorted(ce_by_n)
+    return {"n": ns, "fraction": [frac(n) for n in ns], "ce": [ce_by_n[n] for n in ns], "ce_clean": ce_clean,
+            "ce_zero": ce_zero, "n_99": n_target, "frac_dims_99": None if n_target is None else n_target / d,
+            "n_tokens": sum(b.n_tokens for b in batches), "target": target}
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _layers(spec: str, n_layers: int) -> list[int]:
+    return sorted({s.layer for s in parse_sites(f"L{spec}.attn_out", n_layers)})
+
+
+def _sites(cfg: SpectrumConfig, arch: Architecture) -> tuple[list[Site], list[int]]:
+    sites = set(parse_sites(cfg.sites, arch.n_layers))
+    layers = _layers(cfg.decompose, arch.n_layers) if cfg.decompose else []
+    for layer in layers:  # the decomposition needs both ends of W_O
+        sites |= {Site(layer, "attn_z"), Site(layer, "attn_out")}
+    return sorted(sites), layers
+
+
+def _decomposition(state: AccumulationState, arch: Architecture, layer: int) -> dict[str, list[float]]:
+    acc_o, acc_z = state.full(f"L{layer}.attn_out"), state.full(f"L{layer}.attn_z")
+    basis_o = principal_basis(acc_o)
+    W_O, _ = arch.output_projection(layer)
+    parts = variance_decomposition(acc_z, W_O.detach().to(torch.float64), basis_o.eigenvectors)
+    return {"var_O": parts["var_O"].tolist(), "contrib_Z": parts["contrib_Z"].tolist(),
+            "contrib_WO": parts["contrib_WO"].tolist(), "var_O_measured": basis_o.eigenvalues.tolist()}
+
+
+def run_spectrum(cfg: SpectrumConfig, out: str | Path, progress: bool = True, command: str | None = None,
+                 report: bool = True) -> dict[str, Any]:
+    """Run (or resume, or reuse) the spectrum job in `out`; returns the spectrum.json content."""
+    _validate(cfg)
+    out = prepare_run_dir(out, cfg, "spectrum")
+    result_path = out / RESULT_NAME
+    if result_path.exists():
+        result = read_json(result_path)
+    else:
+        result = _measure(cfg, out, progress)
+        result["command"] = command
+        atomic_write_json(result_path, result)
+    if report:
+        from ranklens.spectrum.report import build_spectrum_report
+
+        build_spectrum_report(result, out)
+    return result
+
+
+def _validate(cfg: SpectrumConfig) -> None:
+    checks = [(cfg.tokens >= 1, f"--tokens {cfg.tokens}: expected a positive count"),
+              (cfg.splits >= 1, f"--splits {cfg.splits}: expected at least 1"),
+              (cfg.loss_tokens >= 1, f"--loss-tokens {cfg.loss_tokens}: expected a positive count"),
+              (cfg.gram_dtype in ("float64", "float32"), f"--gram-dtype {cfg.gram_dtype!r}: expected float64 or "
+                                                         "float32"),
+              (cfg.outlier_sigma > 0, f"--outlier-sigma {cfg.outlier_sigma}: expected a positive number")]
+    for ok, message in checks:
+        if not ok:
+            raise RanklensError(message)
+
+
+def _measure(cfg: SpectrumConfig, out: Path, progress: bool) -> dict[str, Any]:
+    from ranklens.data.collect import check_context_length
+
+    timings: dict[str, float] = {}
+    lm = load_model(cfg.model, cfg.dtype, cfg.device)
+    check_context_length(lm.model, cfg.context_length)
+    arch = describe(lm.model)
+    sites, decompose_layers = _sites(cfg, arch)
+    split_sites = {s.name for s in (parse_sites(cfg.stability_sites, arch.n_layers) if cfg.stability_sites
+                                    else sites)} if cfg.splits > 1 else set()
+    loss_sites = parse_sites(cfg.loss_recovered, arch.n_layers) if cfg.loss_recovered else []
+    missing = [s.name for s in loss_sites if s not in sites]
+    if missing:
+        raise RanklensError(f"--loss-recovered sites {missing} are not among --sites; expected a subset of them")
+
+    start = time.monotonic()
+    state = accumulate(lm, sites, split_sites, cfg, out / "state", progress)
+    timings["accumulate"] = time.monotonic() - start
+
+    start = time.monotonic()
+    records = []
+    for site in sites:
+        acc = state.full(site.name)
+        record = {"site": site.name, "layer": site.layer, "kind": site.kind, **spectrum_summary(acc)}
+        if len(state.accs[site.name]) > 1:
+            record["stability"] = stability_summary(state.accs[site.name])
+        records.append(record)
+    by_name = {r["site"]: r for r in records}
+    for layer in decompose_layers:
+        by_name[f"L{layer}.attn_out"]["wo_decomposition"] = _decomposition(state, arch, layer)
+    timings["statistics"] = time.monotonic() - start
+
+    if loss_sites:
+        start = time.monotonic()
+        _loss_recovered(lm, arch, cfg, state, loss_sites, by_name, out / "state", progress)
+        timings["loss_recovered"] = time.monotonic() - start
+
+    result = {"format": "ranklens.spectrum/1", "model": cfg.model, "corpus": cfg.corpus, "family": arch.family,
+              "n_layers": arch.n_layers, "d_model": arch.d_model, "n_tokens": state.tokens_done,
+              "model_dtype": str(lm.dtype).removeprefix("torch."), "config": cfg.model_dump(mode="json"),
+              "records": records, "timings": timings}
+    if cfg.compare:
+        start = time.monotonic()
+        result["compare"] = _comparisons(cfg, out, progress)
+        timings["compare"] = time.monotonic() - start
+    return result
+
+
+def _loss_recovered(lm, arch, cfg, state, loss_sites, by_name, state_dir: Path, progress: bool) -> None:
+    """App. B curves, one site at a time, each cached in the state directory as soon as it is done."""
+    batches = held_out_batches(lm, cfg, state.docs_done)
+    cache_path = state_dir / "loss_recovered.json"
+    cache = read_json(cache_path) if cache_path.exists() else {}
+    for site in tqdm(loss_sites, desc="loss recovered", disable=not progress, file=sys.stderr):
+        if site.name not in cache:
+            acc = state.full(site.name)
+            ce = cross_entropies(lm.model, arch, batches, site, {"clean": None, "zero": zero_ablation})
+            cache[site.name] = loss_recovered_curve(lm, arch, site, acc.mean, principal_basis(acc), batches,
+                                                    ce["clean"], ce["zero"], cfg.loss_points)
+            atomic_write_json(cache_path, cache)
+        by_name[site.name]["loss_recovered"] = cache[site.name]
+
+
+def _comparisons(cfg: SpectrumConfig, out: Path, progress: bool) -> list[dict[str, Any]]:
+    """Figure 2 middle/right: the same sites (`compare_sites`) on other models or corpora, as sub-runs."""
+    entries = []
+    for item in cfg.compare.split(","):
+        key, _, value = item.strip().partition("=")
+        if key not in ("model", "corpus") or not value:
+            raise RanklensError(f"--compare item {item!r}: expected model=NAME or corpus=NAME")
+        variant = cfg.model_copy(update={key: value, "sites": cfg.compare_sites, "tokens": cfg.compare_tokens,
+                                         "loss_recovered": None, "decompose": None, "compare": None, "splits": 1,
+                                         "stability_sites": None})
+        label = f"{key}={value}"
+        sub = run_spectrum(variant, out / "compare" / label.replace("/", "_").replace("=", "-"), progress,
+                           report=False)
+        entries.append({"label": label, "model": variant.model, "corpus": variant.corpus,
+                        "records": sub["records"]})
+    return entries
