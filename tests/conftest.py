@@ -20,3 +20,29 @@ def minilm():
     from ranklens.lm.load import load_model
 
     return load_model("minilm-l6", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, minilm):
+    """A tiny random Llama saved as a local HF model directory with a real tokenizer (`model/`), and a small local
+    corpus of 60 embedded prose documents as .txt files (`corpus/`)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ranklens.data.corpus import iter_documents
+
+    root = tmp_path_factory.mktemp("tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=minilm.tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=128, architectures=["LlamaForCausalLM"])
+        LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    minilm.tokenizer.save_pretrained(root / "model")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(iter_documents("prose", seed=0)):
+        (corpus / f"{i:03d}.txt").write_text(doc)
+        if i == 59:
+            break
+    return root

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ranklens.data.corpus import iter_documents
 from ranklens.data.tokenize import token_batches
@@ -13,25 +12,6 @@ from ranklens.lm.capture import Capturer
 from ranklens.lm.load import load_model
 from ranklens.spectrum.job import SpectrumConfig, run_spectrum
 from ranklens.spectrum.stats import effective_rank
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm):
-    """A tiny random Llama saved with a real tokenizer, plus a small text corpus."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=minilm.tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      architectures=["LlamaForCausalLM"])
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    minilm.tokenizer.save_pretrained(root / "model")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, doc in enumerate(iter_documents("prose", seed=0)):
-        (corpus / f"{i:03d}.txt").write_text(doc)
-        if i == 59:
-            break
-    return root
 
 
 def _config(tiny_dir, **overrides) -> SpectrumConfig:

@@ -176,6 +176,9 @@ def _auto_class(config):
 def load_model(name: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> LoadedModel:
     """Load an embedded model name, a local directory or a hub id, in eval mode, with its tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # ranklens shows its own progress; keep stderr for errors
 
     source = model_source(name)
     torch_dtype = resolve_dtype(dtype, device)

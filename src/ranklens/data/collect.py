@@ -1,0 +1,98 @@
+"""`ranklens collect`: run a model over a corpus and write the activations of chosen sites to a store.
+
+One forward pass per batch feeds every requested site and stops after the deepest one. The job is resumable:
+the store records how many corpus documents its complete shards hold, and a rerun skips exactly those, so a
+killed run finishes with the same store an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+import ranklens
+from ranklens.config import Config
+from ranklens.data.corpus import iter_documents
+from ranklens.data.store import ActivationStore, ActivationStoreWriter
+from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, token_batches
+from ranklens.errors import RanklensError
+from ranklens.lm.capture import Capturer
+from ranklens.lm.load import load_model, resolve_dtype
+from ranklens.lm.sites import describe, parse_sites
+
+
+class CollectConfig(Config):
+    model: str = "smollm2-135m"
+    sites: str = "L15.attn_out"
+    corpus: str = "default"
+    tokens: int = 100_000
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    seed: int = 0
+    dtype: str = "auto"  # the model's compute dtype
+    store_dtype: str = "model"  # dtype on disk; `model` = the compute dtype
+    batch_tokens: int = 8192  # padded positions per forward pass
+    shard_tokens: int = 65_536
+    device: str = "cpu"
+
+
+def check_context_length(model, context_length: int) -> None:
+    """Absolute-position models cannot see past their position table."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if context_length < 2:
+        raise RanklensError(f"context length {context_length} is too short; expected at least 2")
+    if limit is not None and context_length > limit:
+        raise RanklensError(f"context length {context_length} exceeds the model's {limit} positions; "
+                            f"expected at most {limit}")
+
+
+def collect(cfg: CollectConfig, out: str | Path, progress: bool = True) -> ActivationStore:
+    if cfg.tokens < 1:
+        raise RanklensError(f"--tokens {cfg.tokens} must be positive")
+    lm = load_model(cfg.model, cfg.dtype, cfg.device)
+    check_context_length(lm.model, cfg.context_length)
+    arch = describe(lm.model)
+    sites = parse_sites(cfg.sites, arch.n_layers)
+    store_dtype = lm.dtype if cfg.store_dtype == "model" else resolve_dtype(cfg.store_dtype)
+    meta = {"model": cfg.model, "corpus": cfg.corpus, "seed": cfg.seed, "context_length": cfg.context_length,
+            "model_dtype": str(lm.dtype).removeprefix("torch."), "tokens_requested": cfg.tokens,
+            "code_version": ranklens.__version__}
+    documents = iter_documents(cfg.corpus, seed=cfg.seed)  # checks the corpus before anything is written
+    created = not Path(out).exists()
+    writer = ActivationStoreWriter.open(out, meta, {s.name: arch.site_dim(s) for s in sites}, store_dtype,
+                                        shard_tokens=cfg.shard_tokens)
+    try:
+        if not writer.complete:
+            _fill(writer, lm, sites, cfg, documents, progress)
+    except RanklensError:
+        if created and not writer.shards:  # e.g. an empty corpus: leave nothing half-written behind
+            writer.close()
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return ActivationStore(out)
+
+
+def _fill(writer: ActivationStoreWriter, lm, sites, cfg: CollectConfig, documents, progress: bool) -> None:
+    docs_done = writer.docs_consumed
+    documents = itertools.islice(documents, docs_done, None)
+    bar = tqdm(total=cfg.tokens, initial=min(writer.n_tokens, cfg.tokens), unit="tok", desc="collect",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    tokens = writer.n_tokens
+    with Capturer(lm.model, sites) as capture:
+        for batch in token_batches(documents, lm.tokenizer, cfg.context_length, cfg.batch_tokens):
+            if tokens >= cfg.tokens:
+                break
+            acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
+            docs_done += batch.n_docs
+            writer.add({name: a.cpu() for name, a in acts.items()}, batch.lengths, batch.stat_mask,
+                       batch.input_ids, docs_consumed=docs_done)
+            tokens += batch.n_tokens
+            bar.update(min(batch.n_tokens, cfg.tokens - bar.n))
+    bar.close()
+    if tokens < cfg.tokens:
+        print(f"warning: corpus {cfg.corpus!r} ran out after {tokens} tokens of the {cfg.tokens} requested",
+              file=sys.stderr)
+    writer.finish()
