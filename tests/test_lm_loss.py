@@ -92,3 +92,32 @@ def test_metrics_and_errors():
     bert = tiny_model("bert")
     with pytest.raises(RanklensError, match="causal"):
         cross_entropies(bert, describe(bert), [_batch(bert)], None, {"clean": None})
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "mistral"])
+def test_skip_prefix_equals_full_forward(name):
+    """Starting layer L from its captured input gives the full forward's CE, clean and spliced."""
+    from ranklens.lm.capture import Capturer
+    from ranklens.lm.splice import skip_prefix
+
+    model = tiny_model(name)
+    arch = describe(model)
+    batch = _batch(model)
+    site = Site(2, "attn_out")
+    full = {}
+    for key, fn in {"clean": None, "double": lambda x: 10 * x + 1}.items():
+        if fn is None:
+            full[key] = _naive_ce(model, batch)
+        else:
+            with replace_site(arch, site, fn, batch.stat_mask):
+                full[key] = _naive_ce(model, batch)
+    got = cross_entropies(model, arch, [batch], site, {"clean": None, "double": lambda x: 10 * x + 1})
+    assert got["clean"] == pytest.approx(full["clean"], rel=1e-5)
+    assert got["double"] == pytest.approx(full["double"], rel=1e-5)
+    assert got["double"] != pytest.approx(got["clean"], rel=1e-4)
+    # The layers are restored afterwards.
+    resid = Capturer(model, "L2.resid_pre")(batch.input_ids, batch.attention_mask)["L2.resid_pre"]
+    before = [id(m) for m in arch.layers]
+    with skip_prefix(arch, 2, resid):
+        pass
+    assert [id(m) for m in arch.layers] == before

@@ -100,3 +100,25 @@ def test_bad_input(tiny_dir, tmp_path):
         run_spectrum(_config(tiny_dir, loss_recovered=None, compare="size=big"), tmp_path / "b", progress=False, report=False)
     with pytest.raises(RanklensError, match="exceeds the model's 128 positions"):
         run_spectrum(_config(tiny_dir, context_length=4096), tmp_path / "c", progress=False, report=False)
+
+
+def test_compare_and_report(tiny_dir, minilm, tmp_path):
+    """Comparisons run as sub-runs (a short-context model gets its context clamped) and land in one report."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    short = tmp_path / "short_model"
+    cfg = LlamaConfig(vocab_size=minilm.tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                      architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(cfg).save_pretrained(short)
+    minilm.tokenizer.save_pretrained(short)
+    run_cfg = _config(tiny_dir, loss_recovered=None, decompose=None, splits=1, sites="L*.attn_out,L*.mlp_out",
+                      compare=f"model={short},corpus=prose", compare_sites="Lmid.attn_out,Lmid.mlp_out",
+                      compare_tokens=400)
+    result = run_spectrum(run_cfg, tmp_path / "run", progress=False)
+    labels = [c["label"] for c in result["compare"]]
+    assert labels == [f"model={short}", "corpus=prose"]
+    assert [r["site"] for r in result["compare"][0]["records"]] == ["L1.attn_out", "L1.mlp_out"]
+    assert result["compare"][1]["records"][0]["n_tokens"] == 400
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2 and "attention output" in html

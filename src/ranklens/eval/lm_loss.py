@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from ranklens.data.tokenize import TokenBatch
 from ranklens.errors import RanklensError
+from ranklens.lm.capture import Capturer
 from ranklens.lm.sites import Architecture, Site
-from ranklens.lm.splice import RowMap, replace_site
+from ranklens.lm.splice import RowMap, replace_site, skip_prefix
 
 _LOGIT_CHUNK = 2048  # positions per LM-head matmul
 
@@ -58,18 +59,27 @@ def _sum_ce(model: torch.nn.Module, arch: Architecture, batch: TokenBatch) -> tu
 
 def cross_entropies(model: torch.nn.Module, arch: Architecture, batches: Iterable[TokenBatch], site: Site | None,
                     replacements: Mapping[str, RowMap | None]) -> dict[str, float]:
-    """Mean CE for each named replacement of `site` (None = the clean model), over the same batches."""
-    batches = list(batches)
+    """Mean CE for each named replacement of `site` (None = the clean model), over the same batches.
+
+    With a site at layer L > 0, the input of layer L is captured once per batch and every replacement runs only
+    layers L.. (`skip_prefix`), which halves the cost of a curve at the middle layer.
+    """
     device = next(model.parameters()).device
+    batches = [TokenBatch(b.input_ids.to(device), b.attention_mask.to(device), b.stat_mask.to(device), b.lengths,
+                          b.n_docs) for b in batches]
+    start = site.layer if site is not None and arch.causal else 0
+    prefixes: list[torch.Tensor | None] = [None] * len(batches)
+    if start > 0:
+        capture = Capturer(model, [Site(start, "resid_pre")])
+        prefixes = [capture(b.input_ids, b.attention_mask)[f"L{start}.resid_pre"] for b in batches]
     result: dict[str, float] = {}
     with torch.inference_mode():
         for name, fn in replacements.items():
             total, count = 0.0, 0
-            for batch in batches:
-                batch = TokenBatch(batch.input_ids.to(device), batch.attention_mask.to(device),
-                                   batch.stat_mask.to(device), batch.lengths, batch.n_docs)
-                ctx = nullcontext() if fn is None else replace_site(arch, site, fn, batch.stat_mask)
-                with ctx:
+            for batch, prefix in zip(batches, prefixes, strict=True):
+                skip = nullcontext() if prefix is None else skip_prefix(arch, start, prefix)
+                splice = nullcontext() if fn is None else replace_site(arch, site, fn, batch.stat_mask)
+                with skip, splice:
                     s, c = _sum_ce(model, arch, batch)
                 total, count = total + s, count + c
             if count == 0:

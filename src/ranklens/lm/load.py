@@ -159,6 +159,14 @@ def model_source(name: str) -> Path | str:
         "or a Hugging Face id like org/name")
 
 
+def max_positions(name: str) -> int | None:
+    """The longest context a model accepts (absolute-position models), read from its config without weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_source(name))
+    return getattr(config, "max_position_embeddings", None)
+
+
 def _auto_class(config):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 

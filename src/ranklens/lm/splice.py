@@ -50,3 +50,39 @@ def replace_site(arch: Architecture, site: Site, fn: RowMap, positions: torch.Te
         yield
     finally:
         handle.remove()
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a decoder layer: returns its input hidden states, or a fixed tensor."""
+
+    def __init__(self, output: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states if self.output is None else self.output
+
+
+@contextmanager
+def skip_prefix(arch: Architecture, layer: int, resid_pre: torch.Tensor) -> Iterator[None]:
+    """Within the block, a forward skips layers 0..layer-1 and starts layer `layer` from `resid_pre`.
+
+    The skipped layers are swapped for pass-throughs in place (the last one returns the cached `resid_pre`), so
+    the model's own loop, masks, rotary embeddings and per-layer attention types (indexed by position in the layer
+    list, as Gemma 2 and Qwen 3 do) are untouched. Loss curves that splice many replacements at one site pay for
+    the layers before it once instead of once per replacement. Valid for sequential decoder loops (every causal
+    family here); `resid_pre` must be the site layer's input for exactly the batch being run.
+    """
+    if layer == 0:
+        yield
+        return
+    layers = arch.layers
+    saved = [layers[i] for i in range(layer)]
+    try:
+        for i in range(layer - 1):
+            layers[i] = _Passthrough()
+        layers[layer - 1] = _Passthrough(resid_pre)
+        yield
+    finally:
+        for i, module in enumerate(saved):
+            layers[i] = module

@@ -37,7 +37,7 @@ from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, TokenBatch, first_tok
 from ranklens.errors import RanklensError
 from ranklens.eval.lm_loss import cross_entropies, zero_ablation
 from ranklens.lm.capture import Capturer
-from ranklens.lm.load import LoadedModel, load_model
+from ranklens.lm.load import LoadedModel, load_model, max_positions
 from ranklens.lm.sites import Architecture, Site, describe, parse_sites
 from ranklens.rundir import atomic_write_bytes, atomic_write_json, prepare_run_dir, read_json
 from ranklens.spectrum.accumulator import CovarianceAccumulator, NormStats
@@ -380,9 +380,11 @@ def _comparisons(cfg: SpectrumConfig, out: Path, progress: bool) -> list[dict[st
         key, _, value = item.strip().partition("=")
         if key not in ("model", "corpus") or not value:
             raise RanklensError(f"--compare item {item!r}: expected model=NAME or corpus=NAME")
-        variant = cfg.model_copy(update={key: value, "sites": cfg.compare_sites, "tokens": cfg.compare_tokens,
-                                         "loss_recovered": None, "decompose": None, "compare": None, "splits": 1,
-                                         "stability_sites": None})
+        update = {key: value, "sites": cfg.compare_sites, "tokens": cfg.compare_tokens, "loss_recovered": None,
+                  "decompose": None, "compare": None, "splits": 1, "stability_sites": None}
+        if key == "model":  # e.g. a BERT encoder with 512 positions beside a 1024-token context
+            update["context_length"] = min(cfg.context_length, max_positions(value) or cfg.context_length)
+        variant = cfg.model_copy(update=update)
         label = f"{key}={value}"
         sub = run_spectrum(variant, out / "compare" / label.replace("/", "_").replace("=", "-"), progress,
                            report=False)
