@@ -25,7 +25,7 @@ def minilm():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, minilm):
     """A tiny random Llama saved as a local HF model directory with a real tokenizer (`model/`), and a small local
-    corpus of 60 embedded prose documents as .txt files (`corpus/`)."""
+    corpus of 200 embedded prose documents as .txt files (`corpus/`)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,6 +43,6 @@ def tiny_dir(tmp_path_factory, minilm):
     corpus.mkdir()
     for i, doc in enumerate(iter_documents("prose", seed=0)):
         (corpus / f"{i:03d}.txt").write_text(doc)
-        if i == 59:
+        if i == 199:
             break
     return root

@@ -1,18 +1,64 @@
-"""The `ranklens` console script: one command with subcommands.
+"""ranklens: the geometry of transformer activations and sparse dictionaries that respect it.
 
-Every subcommand takes its flags (and optionally `--config FILE.yaml`), builds a typed config that rejects
-unknown keys, and calls a job function. A `RanklensError` becomes one line on stderr and exit status 2.
+Every job subcommand takes `--config FILE.yaml` and one flag per field of its typed config (flags override the
+file; unknown keys are an error), and calls a job function. A `RanklensError` becomes one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ranklens.errors import RanklensError
+
+HELP = {
+    "model": "embedded name (see `ranklens models`), Hugging Face id or local model directory",
+    "sites": "site pattern(s), e.g. 'L15.attn_out', 'L*.attn_out,L10-20.mlp_out', 'Lmid.*'",
+    "site": "one site, e.g. L15.attn_out",
+    "corpus": "embedded corpus (default, prose, code, zh, a+b), a .txt/.jsonl/.jsonl.zst/.parquet file or "
+              "directory, or hf:NAME",
+    "tokens": "number of tokens (bos/eos/pad excluded)",
+    "dtype": "model compute dtype: auto (bf16 where fast), float32, bfloat16",
+}
+
+
+def _config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One `--field-name` flag per config field; values go to the config's own validation."""
+    parser.add_argument("--config", help="YAML file with these options (flags override it)")
+    for name, field in config_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        help_text = HELP.get(name, "") + (f" (default: {default})" if default is not None else "")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            choices = _literal_choices(field.annotation)
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper() if not choices else None,
+                                choices=choices, help=help_text)
+
+
+def _literal_choices(annotation) -> list[str] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return None
+
+
+def _config(args: argparse.Namespace, config_cls):
+    overrides = {name: getattr(args, name) for name in config_cls.model_fields if getattr(args, name, None) is not None}
+    return config_cls.load(args.config, **overrides)
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["ranklens", *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------- commands
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -39,96 +85,70 @@ def _cmd_sites(args: argparse.Namespace) -> None:
 def _cmd_collect(args: argparse.Namespace) -> None:
     from ranklens.data.collect import CollectConfig, collect
 
-    cfg = CollectConfig.load(args.config, **_flags(args, CollectConfig))
-    store = collect(cfg, args.out, progress=not args.quiet)
+    store = collect(_config(args, CollectConfig), args.out, progress=not args.quiet)
     print(f"{store.n_tokens} tokens of {', '.join(store.sites)} in {args.out}")
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> None:
     from ranklens.spectrum.job import SpectrumConfig, run_spectrum
 
-    cfg = SpectrumConfig.load(args.config, **_flags(args, SpectrumConfig))
-    run_spectrum(cfg, args.out, progress=not args.quiet, command=_command_line())
+    run_spectrum(_config(args, SpectrumConfig), args.out, progress=not args.quiet, command=_command_line())
     print(f"report: {Path(args.out) / 'report.html'}")
 
 
-def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["ranklens", *sys.argv[1:]])
+def _cmd_train_sae(args: argparse.Namespace) -> None:
+    from ranklens.train.sae_job import SAETrainConfig, train_sae
+
+    metrics = train_sae(_config(args, SAETrainConfig), args.out, progress=not args.quiet)
+    print(json.dumps(metrics, indent=1))
+    print(f"SAE (SAELens layout): {Path(args.out) / 'sae'}; metrics: {Path(args.out) / 'metrics.json'}")
 
 
-def _flags(args: argparse.Namespace, config_cls) -> dict:
-    """The CLI flags that name fields of config_cls (argparse dests match field names)."""
-    return {name: getattr(args, name) for name in config_cls.model_fields if hasattr(args, name)}
+def _cmd_eval_sae(args: argparse.Namespace) -> None:
+    from ranklens.train.sae_job import SAEEvalConfig, eval_sae
+
+    print(json.dumps(eval_sae(args.directory, _config(args, SAEEvalConfig)), indent=1))
 
 
-def _add_collect(sub) -> None:
-    p = sub.add_parser("collect", help="capture activations of sites over a corpus into an on-disk store")
-    p.add_argument("--config", help="YAML file with the options below (flags override it)")
-    p.add_argument("--model", help="embedded name (see `ranklens models`), HF id or local directory")
-    p.add_argument("--sites", help="site pattern(s), e.g. 'L15.attn_out' or 'L*.attn_out,L10-20.mlp_out'")
-    p.add_argument("--corpus", help="embedded corpus (default, prose, code, zh, a+b), a .txt/.jsonl/.parquet "
-                                    "path or directory, or hf:NAME")
-    p.add_argument("--tokens", type=int, help="number of tokens (bos/eos/pad excluded) to collect")
-    p.add_argument("--context-length", dest="context_length", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", help="model compute dtype: auto (bf16 where fast), float32, bfloat16")
-    p.add_argument("--store-dtype", dest="store_dtype", help="dtype on disk: model, float32, bfloat16")
-    p.add_argument("--batch-tokens", dest="batch_tokens", type=int)
-    p.add_argument("--shard-tokens", dest="shard_tokens", type=int)
-    p.add_argument("--device")
-    p.add_argument("--out", required=True, help="store directory (resumed if it holds the same collection)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_collect)
-
-
-def _add_spectrum(sub) -> None:
-    p = sub.add_parser("spectrum", help="effective rank, singular spectra, loss recovered and the W_O "
-                                        "decomposition of sites (paper Section 4), with figures and a report")
-    p.add_argument("--config", help="YAML file with the options below (flags override it)")
-    p.add_argument("--model")
-    p.add_argument("--sites", help="site pattern(s); default 'L*.attn_out,L*.attn_z,L*.mlp_out,L*.resid_post'")
-    p.add_argument("--corpus")
-    p.add_argument("--tokens", type=int, help="tokens accumulated per site (bos/eos/pad excluded)")
-    p.add_argument("--context-length", dest="context_length", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype")
-    p.add_argument("--device")
-    p.add_argument("--batch-tokens", dest="batch_tokens", type=int)
-    p.add_argument("--gram-dtype", dest="gram_dtype", help="float64 (exact) or float32 (faster)")
-    p.add_argument("--splits", type=int, help="disjoint splits for stability (App. C)")
-    p.add_argument("--stability-sites", dest="stability_sites", help="sites that keep split statistics")
-    p.add_argument("--exclude-outliers", dest="exclude_outliers", action="store_true", default=None,
-                   help="drop activations with norm > mean + 5 sigma (footnote 3)")
-    p.add_argument("--outlier-sigma", dest="outlier_sigma", type=float)
-    p.add_argument("--loss-recovered", dest="loss_recovered", help="sites for the loss-recovered curve (App. B)")
-    p.add_argument("--loss-tokens", dest="loss_tokens", type=int, help="held-out tokens for loss evaluations")
-    p.add_argument("--loss-points", dest="loss_points", type=int)
-    p.add_argument("--decompose", help="layers for the W_O decomposition (Section 4.4), e.g. 15 or mid")
-    p.add_argument("--compare", help="side-by-side runs, e.g. 'corpus=code,corpus=zh,model=minilm-l6'")
-    p.add_argument("--compare-sites", dest="compare_sites")
-    p.add_argument("--compare-tokens", dest="compare_tokens", type=int)
-    p.add_argument("--out", required=True, help="run directory (resumed or reused if it holds the same run)")
+def _job(sub, name: str, help_text: str, config_cls, func: Callable, *, out: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    _config_flags(p, config_cls)
+    if out:
+        p.add_argument("--out", required=True, help="run directory (resumed or reused if it holds the same run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_spectrum)
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ranklens.data.collect import CollectConfig
+    from ranklens.spectrum.job import SpectrumConfig
+    from ranklens.train.sae_job import SAEEvalConfig, SAETrainConfig
+
     parser = argparse.ArgumentParser(prog="ranklens", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the embedded models").set_defaults(func=_cmd_models)
     p = sub.add_parser("sites", help="list every activation site of a model with its dimension")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=HELP["model"])
     p.set_defaults(func=_cmd_sites)
-    _add_collect(sub)
-    _add_spectrum(sub)
+    _job(sub, "collect", "capture activations of sites over a corpus into an on-disk store", CollectConfig,
+         _cmd_collect)
+    _job(sub, "spectrum", "effective rank, singular spectra, loss recovered and the W_O decomposition of sites "
+                          "(paper Section 4), with figures and an HTML report", SpectrumConfig, _cmd_spectrum)
+    train = sub.add_parser("train", help="train a sparse dictionary").add_subparsers(dest="what", required=True)
+    _job(train, "sae", "train a sparse autoencoder on one site (TopK/BatchTopK/JumpReLU/ReLU; standard, ASI or "
+                       "random-subspace init; Adam or SparseAdam; AuxK)", SAETrainConfig, _cmd_train_sae)
+    evaluate = sub.add_parser("eval", help="evaluate a trained dictionary").add_subparsers(dest="what", required=True)
+    p = _job(evaluate, "sae", "evaluate an SAE (a ranklens run, or a SAELens/LlamaScope directory) on held-out text",
+             SAEEvalConfig, _cmd_eval_sae, out=False)
+    p.add_argument("directory", help="a `ranklens train sae` run directory or an SAE directory")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
     try:
-        func(args)
+        args.func(args)
     except RanklensError as err:
         print(f"ranklens: error: {err}", file=sys.stderr)
         return 2
@@ -140,3 +160,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

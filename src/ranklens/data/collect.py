@@ -21,7 +21,7 @@ from ranklens.data.store import ActivationStore, ActivationStoreWriter
 from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, token_batches
 from ranklens.errors import RanklensError
 from ranklens.lm.capture import Capturer
-from ranklens.lm.load import load_model, resolve_dtype
+from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
 from ranklens.lm.sites import describe, parse_sites
 
 
@@ -49,10 +49,12 @@ def check_context_length(model, context_length: int) -> None:
                             f"expected at most {limit}")
 
 
-def collect(cfg: CollectConfig, out: str | Path, progress: bool = True) -> ActivationStore:
+def collect(cfg: CollectConfig, out: str | Path, progress: bool = True, lm: LoadedModel | None = None,
+            ) -> ActivationStore:
+    """Collect (or resume, or reuse) the store in `out`; `lm` reuses a model the caller already loaded."""
     if cfg.tokens < 1:
         raise RanklensError(f"--tokens {cfg.tokens} must be positive")
-    lm = load_model(cfg.model, cfg.dtype, cfg.device)
+    lm = lm or load_model(cfg.model, cfg.dtype, cfg.device)
     check_context_length(lm.model, cfg.context_length)
     arch = describe(lm.model)
     sites = parse_sites(cfg.sites, arch.n_layers)

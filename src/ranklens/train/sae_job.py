@@ -1,0 +1,283 @@
+"""`ranklens train sae` and `ranklens eval sae`: a sparse autoencoder on one site, trained and evaluated.
+
+Steps, each resumable in the run directory:
+1. activations: an existing store (`store`) or one collected into DIR/activations (`ranklens collect`);
+2. initialization (App. E.3; ASI of Section 5.2 / App. K with V from a covariance accumulator over `init_tokens`
+   tokens; the random-subspace control of App. J.1);
+3. training with the shared Trainer (Adam or SparseAdam, AuxK, the App. E.1 schedule, K annealing);
+4. the SAE saved in the SAELens layout (DIR/sae/cfg.json + sae_weights.safetensors);
+5. evaluation on held-out documents (those after the training store's): FVU, L0, dead features over the evaluation
+   tokens, and the spliced LM loss; written to DIR/metrics.json.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ranklens.config import Config
+from ranklens.data.collect import CollectConfig, collect
+from ranklens.data.corpus import iter_documents
+from ranklens.data.store import ActivationStore
+from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, first_tokens, token_batches
+from ranklens.dictionaries.init import asi_basis, init_asi_, init_random_subspace_, init_standard_, resolve_d_init
+from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
+from ranklens.errors import RanklensError
+from ranklens.eval.lm_loss import spliced_lm_loss
+from ranklens.eval.metrics import ReconstructionMetrics
+from ranklens.lm.capture import Capturer
+from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
+from ranklens.lm.sites import Site, describe
+from ranklens.rundir import atomic_write_json, prepare_run_dir, read_json
+from ranklens.spectrum.accumulator import CovarianceAccumulator
+from ranklens.spectrum.stats import principal_basis
+from ranklens.train.dead import dead_window
+from ranklens.train.sae_objective import SAEObjective
+from ranklens.train.trainer import Trainer, TrainSettings
+
+METRICS_NAME = "metrics.json"
+SAE_DIR = "sae"
+
+
+class SAETrainConfig(Config):
+    model: str = "smollm2-135m"
+    site: str = "L15.attn_out"
+    corpus: str = "default"
+    store: str | None = None  # an activation store to train from; default: collected into DIR/activations
+    tokens: int = 2_000_000  # training tokens
+    batch_size: int = 4096
+    expansion: int = 8  # n_features = expansion * d
+    n_features: int | None = None  # overrides expansion
+    activation: Literal["topk", "batchtopk", "jumprelu", "relu"] = "topk"
+    k: int = 50
+    k_initial: int | None = None  # K annealing (App. L.2)
+    k_anneal_fraction: float = 0.0
+    l1_coefficient: float | None = None
+    normalize_decoder: bool = False
+    init: Literal["standard", "asi", "random-subspace"] = "standard"
+    d_init: int | Literal["auto"] = "auto"
+    init_tokens: int = 100_000  # tokens behind the ASI basis (a covariance accumulator, not one batch)
+    optimizer: Literal["adam", "sparseadam"] = "adam"
+    bias_correction: Literal["per_row", "per_tensor"] = "per_row"
+    lr: float = 4e-4
+    warmup_steps: int = 500
+    aux_k: int = 0  # 512 for the AuxK baseline
+    aux_coefficient: float = 1 / 32
+    dead_window_tokens: int | None = None  # default: dead_window(tokens)
+    shuffle_buffer_tokens: int = 262_144
+    eval_tokens: int = 100_000
+    lm_eval_tokens: int = 16_384
+    seed: int = 0
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    dtype: str = "auto"  # the language model's dtype
+    train_dtype: Literal["float32", "bfloat16"] = "float32"  # bf16 = autocast of the SAE's matmuls
+    device: str = "cpu"
+    checkpoint_every: int = 500
+    log_every: int = 50
+    wandb_project: str | None = None
+
+
+def _checks(cfg: SAETrainConfig, d: int) -> int:
+    n_features = cfg.n_features or cfg.expansion * d
+    if cfg.activation in ("topk", "batchtopk") and not 1 <= cfg.k <= n_features:
+        raise RanklensError(f"--k {cfg.k} must be between 1 and the number of features {n_features}")
+    if cfg.init != "standard" and cfg.d_init != "auto" and not 1 <= int(cfg.d_init) <= d:
+        raise RanklensError(f"--d-init {cfg.d_init} must be between 1 and the site dimension d={d}")
+    if cfg.tokens < cfg.batch_size:
+        raise RanklensError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
+    return n_features
+
+
+def _store(cfg: SAETrainConfig, out: Path, lm: LoadedModel, progress: bool) -> ActivationStore:
+    if cfg.store is not None:
+        store = ActivationStore(cfg.store, require_complete=True)
+        if cfg.site not in store.sites:
+            raise RanklensError(f"store {cfg.store!r} holds sites {sorted(store.sites)}, not {cfg.site!r}")
+        return store
+    collect_cfg = CollectConfig(model=cfg.model, sites=cfg.site, corpus=cfg.corpus, tokens=cfg.tokens,
+                                context_length=cfg.context_length, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+    return collect(collect_cfg, out / "activations", progress=progress, lm=lm)
+
+
+def _sample(store: ActivationStore, site: str, n: int) -> torch.Tensor:
+    rows, seen = [], 0
+    for chunk in store.iter_tokens(site):
+        rows.append(chunk.float())
+        seen += chunk.shape[0]
+        if seen >= n:
+            break
+    return torch.cat(rows)[:n]
+
+
+def build_sae(cfg: SAETrainConfig, store: ActivationStore) -> tuple[SparseAutoencoder, dict]:
+    """The SAE with the configured initialization; returns it and a description of the init for metrics."""
+    d = store.sites[cfg.site]
+    d = d["d"] if isinstance(d, dict) else int(d)
+    n_features = _checks(cfg, d)
+    sae_cfg = SAEConfig(d_in=d, n_features=n_features, activation=cfg.activation,
+                        k=cfg.k if cfg.activation in ("topk", "batchtopk") else None,
+                        normalize_decoder=cfg.normalize_decoder,
+                        **({"l1_coefficient": cfg.l1_coefficient} if cfg.l1_coefficient is not None else {}))
+    sae = SparseAutoencoder(sae_cfg).to(cfg.device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sample = _sample(store, cfg.site, min(cfg.batch_size, store.n_tokens)).to(cfg.device)
+    info: dict = {"init": cfg.init, "d_init": None}
+    init_standard_(sae, sample, generator=generator)
+    if cfg.init == "standard":
+        return sae, info
+    acc = CovarianceAccumulator(d)
+    for chunk in store.iter_tokens(cfg.site):
+        acc.update(chunk[: cfg.init_tokens - acc.n])
+        if acc.n >= cfg.init_tokens:
+            break
+    basis = principal_basis(acc)
+    d_init = resolve_d_init(cfg.d_init, basis)
+    info.update(d_init=d_init, init_tokens=acc.n)
+    if cfg.init == "asi":
+        init_asi_(sae, asi_basis(basis, d_init).to(cfg.device))
+    else:
+        init_random_subspace_(sae, d, d_init, generator=generator)
+    return sae, info
+
+
+def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> dict:
+    metrics_path = Path(out) / METRICS_NAME
+    if metrics_path.exists():
+        prepare_run_dir(out, cfg, "train-sae")  # refuses a directory of another run
+        return read_json(metrics_path)
+    lm = load_model(cfg.model, cfg.dtype, cfg.device)
+    arch = describe(lm.model)
+    site = Site.parse(cfg.site)
+    arch.check_site(site)
+    _checks(cfg, arch.site_dim(site))  # bad combinations fail before anything is written
+    out = prepare_run_dir(out, cfg, "train-sae")
+    store = _store(cfg, out, lm, progress)
+    sae, init_info = build_sae(cfg, store)
+    total_steps = cfg.tokens // cfg.batch_size
+    window = cfg.dead_window_tokens or dead_window(cfg.tokens)
+    settings = TrainSettings(total_steps=total_steps, lr=cfg.lr, optimizer=cfg.optimizer,
+                             bias_correction=cfg.bias_correction, warmup_steps=cfg.warmup_steps,
+                             k=cfg.k if cfg.activation in ("topk", "batchtopk") else None, k_initial=cfg.k_initial,
+                             k_anneal_fraction=cfg.k_anneal_fraction, dead_window_tokens=window,
+                             checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                             wandb_project=cfg.wandb_project)
+    autocast = resolve_dtype(cfg.train_dtype)
+    objective = SAEObjective(sae, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient, autocast_dtype=autocast)
+    trainer = Trainer(objective, settings, out, progress=progress)
+
+    def batches(start: int):
+        return store.token_batches(cfg.site, cfg.batch_size, cfg.shuffle_buffer_tokens, cfg.seed, start_batch=start,
+                                   epochs=None)
+
+    trainer.train(batches)
+    train_dead = int(trainer.tracker.n_dead(window))
+    from ranklens.dictionaries.saelens import save_saelens
+
+    save_saelens(sae, out / SAE_DIR, model=cfg.model, site=cfg.site, context_length=cfg.context_length,
+                 corpus=cfg.corpus, extra={"ranklens_config": cfg.model_dump(mode="json"), **init_info})
+    result = {"n_features": sae.n_features, "k": cfg.k if cfg.activation in ("topk", "batchtopk") else None,
+              "init": cfg.init, "d_init": init_info["d_init"], "tokens": total_steps * cfg.batch_size,
+              "optimizer": cfg.optimizer, "aux_k": cfg.aux_k, "dead_features": train_dead,
+              "dead_fraction": train_dead / sae.n_features, "dead_window_tokens": window,
+              "store_tokens": store.n_tokens}
+    context = int(store.meta.get("context_length", cfg.context_length))
+    result.update(evaluate_sae(sae, lm, cfg.site, held_out_documents(store), context, cfg.eval_tokens,
+                               cfg.lm_eval_tokens))
+    atomic_write_json(metrics_path, result)
+    return result
+
+
+def held_out_documents(store: ActivationStore):
+    """The documents after those the store holds: never seen in training."""
+    meta = store.meta
+    return itertools.islice(iter_documents(meta["corpus"], seed=meta["seed"]), store.docs_consumed, None)
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SparseAutoencoder, lm: LoadedModel, site_name: str, documents, context_length: int,
+                 eval_tokens: int, lm_eval_tokens: int) -> dict:
+    """FVU, L0 and dead features over `eval_tokens` held-out tokens, and the spliced LM loss over `lm_eval_tokens`
+    (definitions in DESIGN.md); `documents` must be text the SAE never trained on."""
+    arch = describe(lm.model)
+    site = Site.parse(site_name)
+    if arch.site_dim(site) != sae.d_in:
+        raise RanklensError(f"site {site_name} has dimension {arch.site_dim(site)} but the SAE expects "
+                            f"d_in={sae.d_in}")
+    metrics = ReconstructionMetrics(sae.n_features)
+    capture = Capturer(lm.model, [site])
+    batches = first_tokens(token_batches(documents, lm.tokenizer, context_length, 8192),
+                           max(eval_tokens, lm_eval_tokens))
+    seen = 0
+    for batch in batches:
+        if seen >= eval_tokens:
+            break
+        x = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))[site_name]
+        x = x[batch.stat_mask.to(x.device)].to(sae.W_D.dtype)[: eval_tokens - seen]
+        x_hat, code = sae(x)
+        fired = code.indices[code.active_mask()] if code.is_sparse else code.active_mask().nonzero()[:, 1]
+        metrics.update(x, x_hat, fired)
+        seen += x.shape[0]
+    result = metrics.result()
+    if arch.causal:
+        lm_batches = first_tokens(iter(batches), lm_eval_tokens)
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:
+            return sae(x.to(sae.W_D.dtype))[0]
+
+        lm_metrics = spliced_lm_loss(lm.model, arch, lm_batches, site, reconstruct)
+        result.update(lm_metrics, lm_eval_tokens=sum(b.n_tokens for b in lm_batches))
+    else:
+        print(f"note: {lm.name} is not a causal LM; skipping the spliced LM loss", file=sys.stderr)
+    return result
+
+
+class SAEEvalConfig(Config):
+    model: str | None = None  # default: the training run's model
+    site: str | None = None
+    corpus: str | None = None
+    seed: int = 1  # a different document order from training's default seed 0
+    eval_tokens: int = 100_000
+    lm_eval_tokens: int = 16_384
+    context_length: int | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+
+
+def eval_sae(directory: str | Path, cfg: SAEEvalConfig) -> dict:
+    """Evaluate a ranklens SAE run directory, or any SAELens / LlamaScope SAE directory, on held-out text.
+
+    For a ranklens run the held-out documents are those after the training store's; otherwise the corpus with
+    `seed` (documents the SAE's trainer presumably never saw are the user's responsibility).
+    """
+    from ranklens.dictionaries.saelens import load_sae
+
+    directory = Path(directory)
+    run_cfg = None
+    if (directory / "config.yaml").exists() and (directory / SAE_DIR).is_dir():
+        import yaml
+
+        run = yaml.safe_load((directory / "config.yaml").read_text())
+        run_cfg = SAETrainConfig.build({k: v for k, v in run.items() if k != "job"}, source=str(directory))
+        sae_dir = directory / SAE_DIR
+    else:
+        sae_dir = directory
+    if not sae_dir.is_dir():
+        raise RanklensError(f"{str(directory)!r} is not an SAE directory or a ranklens train-sae run")
+    sae = load_sae(sae_dir, device=cfg.device)
+    model = cfg.model or (run_cfg.model if run_cfg else None)
+    site = cfg.site or (run_cfg.site if run_cfg else None)
+    if model is None or site is None:
+        raise RanklensError("--model and --site are needed to evaluate an SAE that is not a ranklens run")
+    lm = load_model(model, cfg.dtype, cfg.device)
+    if run_cfg is not None and cfg.corpus is None:
+        store = ActivationStore(run_cfg.store or directory / "activations")
+        documents, context = held_out_documents(store), int(store.meta["context_length"])
+    else:
+        corpus = cfg.corpus or (run_cfg.corpus if run_cfg else "default")
+        documents = iter_documents(corpus, seed=cfg.seed)
+        context = cfg.context_length or (run_cfg.context_length if run_cfg else DEFAULT_CONTEXT_LENGTH)
+    return evaluate_sae(sae, lm, site, documents, context, cfg.eval_tokens, cfg.lm_eval_tokens)

@@ -1,0 +1,217 @@
+"""One trainer for every sparse dictionary (SAEs and Lorsa).
+
+The trainer owns what is common: the optimizer (Adam or SparseAdam, App. M), the three-phase learning-rate
+schedule (App. E.1), K annealing (App. L.2), dead-feature tracking (footnote 2), periodic checkpoints that resume
+bit-exactly (weights, optimizer moments, firing counters, step, data position), `metrics.jsonl`, progress and
+optional Weights & Biases logging. What is specific to a dictionary lives behind the `Objective` protocol: how a
+batch becomes a loss, which features were active, and what to do after a step (e.g. renormalize decoder rows).
+
+The data source is any `BatchSource`: an iterable factory that can start at a given step, so resuming never
+repeats or skips a batch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from ranklens.rundir import atomic_write_bytes
+from ranklens.train.dead import FiringTracker
+from ranklens.train.optim import make_optimizer
+from ranklens.train.schedules import k_schedule, lr_multiplier
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class StepContext:
+    """What the trainer tells the objective about the current step."""
+
+    step: int
+    k: int | None  # the (possibly annealed) number of active features
+    dead_mask: torch.Tensor  # [n_features] bool, features not fired within the dead window
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # scalar to backpropagate
+    active: torch.Tensor  # int64 indices of features active in the batch (incl. AuxK's), for SparseAdam + tracking
+    n_tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """A dictionary being trained: parameters, per-batch loss, post-step hook."""
+
+    n_features: int
+
+    def param_spec(self) -> list[tuple[torch.nn.Parameter, bool]]: ...  # (param, row_sparse on dim 0)
+
+    def step_loss(self, batch: Any, ctx: StepContext) -> StepResult: ...
+
+    def after_step(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+BatchSource = Callable[[int], Iterator[Any]]  # start step -> batches from that step on
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    total_steps: int
+    lr: float
+    optimizer: str = "adam"  # adam | sparseadam
+    bias_correction: str = "per_row"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 500
+    decay_fraction: float = 0.2
+    k: int | None = None
+    k_initial: int | None = None  # K annealing from k_initial to k (App. L.2); None = constant k
+    k_anneal_fraction: float = 0.0
+    dead_window_tokens: int = 10_000_000
+    checkpoint_every: int = 500  # steps
+    log_every: int = 50
+    wandb_project: str | None = None
+
+
+class Trainer:
+    def __init__(self, objective: Objective, settings: TrainSettings, run_dir: Path, progress: bool = True) -> None:
+        self.objective = objective
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.optimizer = make_optimizer(settings.optimizer, objective.param_spec(), lr=settings.lr,
+                                        betas=settings.betas, eps=settings.eps,
+                                        bias_correction=settings.bias_correction)
+        device = objective.param_spec()[0][0].device
+        self.tracker = FiringTracker(objective.n_features, device=device)
+        self.step = 0
+        self._wandb = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "tracker": self.tracker.state_dict()}
+
+    def save_checkpoint(self) -> None:
+        buffer = io.BytesIO()
+        torch.save(self._state(), buffer)
+        atomic_write_bytes(self.run_dir / CHECKPOINT_NAME, buffer.getvalue())
+
+    def load_checkpoint(self) -> bool:
+        path = self.run_dir / CHECKPOINT_NAME
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.step = state["step"]
+        self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines logged after the checkpoint, so a resumed run logs each step once."""
+        path = self.run_dir / METRICS_NAME
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    # ------------------------------------------------------------------ training
+
+    def current_k(self) -> int | None:
+        s = self.settings
+        if s.k is None or s.k_initial is None:
+            return s.k
+        return k_schedule(self.step, s.total_steps, s.k, s.k_initial, s.k_anneal_fraction)
+
+    def _lr(self) -> float:
+        s = self.settings
+        return s.lr * lr_multiplier(self.step, s.total_steps, s.warmup_steps, s.decay_fraction)
+
+    def train(self, batches: BatchSource) -> None:
+        """Run (or resume) until `total_steps`; checkpoints at the end."""
+        self.load_checkpoint()
+        s = self.settings
+        bar = tqdm(total=s.total_steps, initial=self.step, unit="step", desc="train", disable=not self.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        self._start_wandb()
+        window: list[dict[str, float]] = []
+        started = time.monotonic()
+        tokens_at_start = int(self.tracker.tokens_seen)
+        source = batches(self.step)
+        while self.step < s.total_steps:
+            try:
+                batch = next(source)
+            except StopIteration:
+                raise RuntimeError(f"the data ran out at step {self.step} of {s.total_steps}") from None
+            result = self._one_step(batch)
+            window.append(result)
+            self.step += 1
+            bar.update(1)
+            if self.step % s.log_every == 0 or self.step == s.total_steps:
+                self._log(window, started, tokens_at_start)
+                bar.set_postfix(fvu=f"{window[-1].get('fvu', float('nan')):.4f}")
+                window = []
+            if self.step % s.checkpoint_every == 0 or self.step == s.total_steps:
+                self.save_checkpoint()
+        bar.close()
+
+    def _one_step(self, batch: Any) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
+        ctx = StepContext(self.step, self.current_k(), self.tracker.dead_mask(self.settings.dead_window_tokens))
+        self.optimizer.zero_grad(set_to_none=False)
+        result = self.objective.step_loss(batch, ctx)
+        if not torch.isfinite(result.loss):
+            raise FloatingPointError(f"loss became {float(result.loss)} at step {self.step}; lower the learning rate")
+        result.loss.backward()
+        self.optimizer.step(active_rows=result.active)
+        self.objective.after_step()
+        self.tracker.update(result.active, result.n_tokens)
+        return {"loss": float(result.loss), **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
+                "k": ctx.k if ctx.k is not None else float("nan"), "n_tokens": result.n_tokens}
+
+    def _log(self, window: list[dict[str, float]], started: float, tokens_at_start: int) -> None:
+        keys = [k for k in window[-1] if k not in ("n_tokens",)]
+        row = {"step": self.step, "tokens": int(self.tracker.tokens_seen)}
+        for key in keys:
+            values = [w[key] for w in window if key in w and not math.isnan(w[key])]
+            row[key] = sum(values) / len(values) if values else float("nan")
+        row["dead"] = int(self.tracker.n_dead(self.settings.dead_window_tokens))
+        row["dead_window_tokens"] = self.settings.dead_window_tokens
+        elapsed = time.monotonic() - started
+        row["tokens_per_second"] = (int(self.tracker.tokens_seen) - tokens_at_start) / elapsed if elapsed > 0 else 0.0
+        with open(self.run_dir / METRICS_NAME, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(row, step=self.step)
+
+    def _start_wandb(self) -> None:
+        if not self.settings.wandb_project:
+            return
+        try:
+            import wandb
+        except ImportError:
+            print("warning: --wandb-project given but wandb is not installed; logging to metrics.jsonl only",
+                  file=sys.stderr)
+            return
+        self._wandb = wandb.init(project=self.settings.wandb_project, dir=str(self.run_dir), resume="allow",
+                                 id=self.run_dir.name)

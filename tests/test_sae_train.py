@@ -1,0 +1,113 @@
+"""The shared trainer with the SAE objective: bit-exact resume, the train-sae job end to end, errors."""
+
+import json
+
+import pytest
+import torch
+
+from ranklens.cli import main
+from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
+from ranklens.errors import RanklensError
+from ranklens.train.sae_job import SAETrainConfig, train_sae
+from ranklens.train.sae_objective import SAEObjective
+from ranklens.train.trainer import Trainer, TrainSettings
+
+
+def _source(d: int, batch: int = 64):
+    """Deterministic batches: batch i depends only on i, so a resumed run sees exactly the same data."""
+    mix = torch.randn(d, d, generator=torch.Generator().manual_seed(99)) / d**0.5
+
+    def batches(start: int):
+        step = start
+        while True:
+            g = torch.Generator().manual_seed(step)
+            yield torch.randn(batch, d, generator=g) @ mix + 0.1
+            step += 1
+
+    return batches
+
+
+def _trainer(tmp_path, optimizer: str, aux_k: int) -> Trainer:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=16, n_features=64, activation="topk", k=4))
+    settings = TrainSettings(total_steps=30, lr=3e-3, optimizer=optimizer, warmup_steps=5, k=4,
+                             dead_window_tokens=256, checkpoint_every=10, log_every=5)
+    return Trainer(SAEObjective(sae, aux_k=aux_k), settings, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("optimizer, aux_k", [("adam", 0), ("sparseadam", 8)])
+def test_resume_is_bit_exact(tmp_path, optimizer, aux_k):
+    straight = _trainer(tmp_path / "a", optimizer, aux_k)
+    straight.train(_source(16))
+
+    interrupted = _trainer(tmp_path / "b", optimizer, aux_k)
+    original = interrupted._one_step
+    calls = {"n": 0}
+
+    def dies_after_14(batch):
+        if calls["n"] == 14:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(batch)
+
+    interrupted._one_step = dies_after_14
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train(_source(16))
+    resumed = _trainer(tmp_path / "b", optimizer, aux_k)  # a fresh process: everything from the checkpoint
+    resumed.train(_source(16))
+    assert resumed.step == straight.step == 30
+    for (name, a), b in zip(straight.objective.sae.state_dict().items(), resumed.objective.sae.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(straight.tracker.tokens_since_fired, resumed.tracker.tokens_since_fired)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(5, 31, 5))  # each step logged once
+    straight_lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["fvu"] for x in lines] == [x["fvu"] for x in straight_lines]
+
+
+def test_training_reduces_fvu(tmp_path):
+    trainer = _trainer(tmp_path, "adam", 0)
+    trainer.train(_source(16))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["fvu"] < 0.8 * rows[0]["fvu"]
+    assert {"step", "tokens", "lr", "k", "fvu", "l0", "dead", "dead_window_tokens"} <= set(rows[-1])
+
+
+def _sae_cfg(tiny_dir, **overrides) -> SAETrainConfig:
+    values = dict(model=str(tiny_dir / "model"), site="L1.attn_out", corpus=str(tiny_dir / "corpus"), tokens=4096,
+                  batch_size=256, expansion=4, k=4, context_length=64, dtype="float32", eval_tokens=1000,
+                  lm_eval_tokens=500, warmup_steps=4, lr=1e-3, init="asi", d_init=8, init_tokens=2000,
+                  checkpoint_every=8, log_every=4, shuffle_buffer_tokens=2048)
+    values.update(overrides)
+    return SAETrainConfig(**values)
+
+
+def test_train_sae_job_and_eval(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = train_sae(_sae_cfg(tiny_dir), out, progress=False)
+    expected = {"dead_features", "dead_fraction", "dead_window_tokens", "nmse", "nmse_uncentered", "l0",
+                "delta_lm_loss", "loss_recovered", "n_features", "k", "init", "d_init", "tokens", "ce_clean",
+                "ce_spliced", "ce_zero_ablation", "explained_variance"}
+    assert expected <= set(metrics)
+    assert metrics["n_features"] == 128 and metrics["k"] == 4 and metrics["d_init"] == 8
+    assert metrics["tokens"] == 4096 and 0 < metrics["nmse"] < 1 and 0 < metrics["l0"] <= 4
+    assert (out / "sae" / "cfg.json").exists() and (out / "sae" / "sae_weights.safetensors").exists()
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert train_sae(_sae_cfg(tiny_dir), out, progress=False) == metrics  # reused, not retrained
+
+    capsys.readouterr()
+    assert main(["eval", "sae", str(out), "--eval-tokens", "1000", "--lm-eval-tokens", "500", "--dtype",
+                 "float32"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["nmse"] == pytest.approx(metrics["nmse"], rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"k": 1000}, "--k 1000"),
+    ({"d_init": 99}, "--d-init 99"),
+    ({"tokens": 10}, "less than one batch"),
+])
+def test_bad_combinations(tiny_dir, tmp_path, overrides, message):
+    with pytest.raises(RanklensError, match=message):
+        train_sae(_sae_cfg(tiny_dir, **overrides), tmp_path / "run", progress=False)
