@@ -24,7 +24,13 @@ from ranklens.data.collect import CollectConfig, collect
 from ranklens.data.corpus import iter_documents
 from ranklens.data.store import ActivationStore
 from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, first_tokens, token_batches
-from ranklens.dictionaries.init import asi_basis, init_asi_, init_random_subspace_, init_standard_, resolve_d_init
+from ranklens.dictionaries.init import (
+    asi_basis,
+    init_asi_,
+    init_random_subspace_,
+    init_standard_,
+    resolve_d_init,
+)
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
 from ranklens.errors import RanklensError
 from ranklens.eval.lm_loss import spliced_lm_loss
