@@ -335,6 +335,45 @@ def _describe_mismatch(man: _Manifest, meta: dict[str, Any], sites: dict[str, in
     return diffs
 
 
+class _ManifestView:
+    """Read-only views of the manifest, shared by the writer and the reader (both keep it in `self._man`)."""
+
+    _man: _Manifest
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self._man.meta)
+
+    @property
+    def sites(self) -> dict[str, int]:
+        return dict(self._man.sites)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self._man.dtype]
+
+    @property
+    def complete(self) -> bool:
+        return self._man.complete
+
+    @property
+    def shard_tokens(self) -> int:
+        return self._man.shard_tokens
+
+    @property
+    def shards(self) -> tuple[ShardInfo, ...]:
+        return tuple(self._man.shards)
+
+    @property
+    def docs_consumed(self) -> int:
+        """Documents consumed by what is durably on disk (where a resumed collector starts)."""
+        return self._man.docs_consumed
+
+    @property
+    def n_positions(self) -> int:
+        return sum(s.n_positions for s in self._man.shards)
+
+
 @dataclass
 class _Pending:
     acts: dict[str, torch.Tensor]  # site -> [n_positions, d], store dtype, CPU
@@ -343,7 +382,7 @@ class _Pending:
     lengths: torch.Tensor  # [B] int64
 
 
-class ActivationStoreWriter:
+class ActivationStoreWriter(_ManifestView):
     """Appends whole sequences to a store directory; creates it or resumes it (see `open`).
 
     ``docs_consumed`` / ``n_tokens`` report what is durably on disk: a collector that resumes skips exactly
@@ -483,35 +522,6 @@ class ActivationStoreWriter:
     # -- state ------------------------------------------------------------------------------------------------
 
     @property
-    def complete(self) -> bool:
-        return self._man.complete
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return dict(self._man.meta)
-
-    @property
-    def sites(self) -> dict[str, int]:
-        return dict(self._man.sites)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _DTYPES[self._man.dtype]
-
-    @property
-    def shard_tokens(self) -> int:
-        return self._man.shard_tokens
-
-    @property
-    def shards(self) -> list[ShardInfo]:
-        return list(self._man.shards)
-
-    @property
-    def docs_consumed(self) -> int:
-        """Documents consumed by what is durably on disk (where a resumed collector starts)."""
-        return self._man.docs_consumed
-
-    @property
     def n_tokens(self) -> int:
         """Stat tokens durably on disk."""
         return sum(s.n_tokens for s in self._man.shards)
@@ -519,10 +529,6 @@ class ActivationStoreWriter:
     @property
     def n_sequences(self) -> int:
         return sum(s.n_sequences for s in self._man.shards)
-
-    @property
-    def n_positions(self) -> int:
-        return sum(s.n_positions for s in self._man.shards)
 
     @property
     def buffered_tokens(self) -> int:
@@ -833,7 +839,7 @@ class _TokenStream:
         return out
 
 
-class ActivationStore:
+class ActivationStore(_ManifestView):
     """Reads a store directory written by `ActivationStoreWriter`.
 
     Opening checks the manifest and that every listed shard exists with the listed size; a shard's sha256 is checked
@@ -868,44 +874,12 @@ class ActivationStore:
     # -- manifest ---------------------------------------------------------------------------------------------
 
     @property
-    def meta(self) -> dict[str, Any]:
-        return dict(self._man.meta)
-
-    @property
-    def sites(self) -> dict[str, int]:
-        return dict(self._man.sites)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _DTYPES[self._man.dtype]
-
-    @property
-    def complete(self) -> bool:
-        return self._man.complete
-
-    @property
-    def shards(self) -> tuple[ShardInfo, ...]:
-        return tuple(self._man.shards)
-
-    @property
-    def shard_tokens(self) -> int:
-        return self._man.shard_tokens
-
-    @property
-    def docs_consumed(self) -> int:
-        return self._man.docs_consumed
-
-    @property
     def n_tokens(self) -> int:
         return self._tok_offsets[-1]
 
     @property
     def n_sequences(self) -> int:
         return self._seq_offsets[-1]
-
-    @property
-    def n_positions(self) -> int:
-        return sum(s.n_positions for s in self._man.shards)
 
     @property
     def manifest(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from ranklens.report.html import write_atomic
+from ranklens.rundir import atomic_write_bytes
 
 __all__ = [
     "KIND_COLORS",
@@ -177,7 +177,7 @@ def _save(fig: Figure, path: PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     fig.clear()
-    return write_atomic(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _common_layer(recs: list[Record], what: str) -> int | None:

@@ -18,20 +18,20 @@ with 4 significant digits (fixed notation from 1e-4 up to 1e15, thousands separa
 from __future__ import annotations
 
 import base64
-import contextlib
 import html as _html
 import math
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VERDICTS", "Report", "format_number", "format_value", "software_versions", "write_atomic"]
+from ranklens.rundir import atomic_write_bytes
+
+__all__ = ["VERDICTS", "Report", "format_number", "format_value", "software_versions"]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VERDICTS = ("holds", "does not hold", "inconclusive")
@@ -267,7 +267,7 @@ class Report:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, self.render().encode("utf-8"))
+        atomic_write_bytes(path, self.render().encode("utf-8"))
         return path
 
     # ----------------------------------------------------------------- helpers
@@ -293,21 +293,6 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[list[Any]]:
     return rows
 
 
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------- environment
