@@ -111,3 +111,26 @@ def test_train_sae_job_and_eval(tiny_dir, tmp_path, capsys):
 def test_bad_combinations(tiny_dir, tmp_path, overrides, message):
     with pytest.raises(RanklensError, match=message):
         train_sae(_sae_cfg(tiny_dir, **overrides), tmp_path / "run", progress=False)
+
+
+def test_stream_source_resumes_exactly(tiny_dir):
+    """On the fly: batches from step s equal the tail of an uninterrupted stream, across chunk boundaries."""
+    from ranklens.data.stream import StreamSource
+    from ranklens.lm.load import load_model
+
+    lm = load_model(str(tiny_dir / "model"), "float32")
+    stream = StreamSource(lm, "L1.attn_out", str(tiny_dir / "corpus"), seed=3, context_length=64, batch_size=100,
+                          chunk_tokens=350, forward_tokens=256)
+    assert stream.batches_per_chunk == 3
+    whole = [b for b, _ in zip(stream(0), range(8), strict=False)]
+    for start in (1, 3, 5):
+        tail = [b for b, _ in zip(stream(start), range(8 - start), strict=False)]
+        assert all(torch.equal(a, b) for a, b in zip(whole[start:], tail, strict=True))
+    assert len({tuple(b[0].tolist()) for b in whole}) == 8  # shuffled, no repeated rows at the batch starts
+
+
+def test_train_sae_on_the_fly(tiny_dir, tmp_path):
+    cfg = _sae_cfg(tiny_dir, source="stream", stream_chunk_tokens=1024, init="standard", tokens=2048)
+    metrics = train_sae(cfg, tmp_path / "run", progress=False)
+    assert metrics["source"] == "stream" and metrics["tokens"] == 2048 and 0 < metrics["nmse"] < 1.5
+    assert not (tmp_path / "run" / "activations").exists()

@@ -23,6 +23,7 @@ from ranklens.config import Config
 from ranklens.data.collect import CollectConfig, collect
 from ranklens.data.corpus import iter_documents
 from ranklens.data.store import ActivationStore
+from ranklens.data.stream import StreamSource
 from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, first_tokens, token_batches
 from ranklens.dictionaries.init import (
     asi_basis,
@@ -53,7 +54,9 @@ class SAETrainConfig(Config):
     model: str = "smollm2-135m"
     site: str = "L15.attn_out"
     corpus: str = "default"
+    source: Literal["store", "stream"] = "store"  # store: train from an activation store; stream: on the fly
     store: str | None = None  # an activation store to train from; default: collected into DIR/activations
+    stream_chunk_tokens: int = 262_144  # on the fly: tokens captured and shuffled together
     tokens: int = 2_000_000  # training tokens
     batch_size: int = 4096
     expansion: int = 8  # n_features = expansion * d
@@ -109,9 +112,10 @@ def _store(cfg: SAETrainConfig, out: Path, lm: LoadedModel, progress: bool) -> A
     return collect(collect_cfg, out / "activations", progress=progress, lm=lm)
 
 
-def _sample(store: ActivationStore, site: str, n: int) -> torch.Tensor:
+def _take(chunks, n: int) -> torch.Tensor:
+    """The first n rows of an iterator of activation chunks [m, d], as float32."""
     rows, seen = [], 0
-    for chunk in store.iter_tokens(site):
+    for chunk in chunks:
         rows.append(chunk.float())
         seen += chunk.shape[0]
         if seen >= n:
@@ -119,10 +123,10 @@ def _sample(store: ActivationStore, site: str, n: int) -> torch.Tensor:
     return torch.cat(rows)[:n]
 
 
-def build_sae(cfg: SAETrainConfig, store: ActivationStore) -> tuple[SparseAutoencoder, dict]:
-    """The SAE with the configured initialization; returns it and a description of the init for metrics."""
-    d = store.sites[cfg.site]
-    d = d["d"] if isinstance(d, dict) else int(d)
+def build_sae(cfg: SAETrainConfig, d: int, activations) -> tuple[SparseAutoencoder, dict]:
+    """The SAE with the configured initialization; `activations()` gives a fresh iterator of training activation
+    chunks [m, d] (the norm search uses one batch of them, ASI's covariance `init_tokens`). Returns the SAE and a
+    description of the init for the metrics."""
     n_features = _checks(cfg, d)
     sae_cfg = SAEConfig(d_in=d, n_features=n_features, activation=cfg.activation,
                         k=cfg.k if cfg.activation in ("topk", "batchtopk") else None,
@@ -130,13 +134,13 @@ def build_sae(cfg: SAETrainConfig, store: ActivationStore) -> tuple[SparseAutoen
                         **({"l1_coefficient": cfg.l1_coefficient} if cfg.l1_coefficient is not None else {}))
     sae = SparseAutoencoder(sae_cfg).to(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    sample = _sample(store, cfg.site, min(cfg.batch_size, store.n_tokens)).to(cfg.device)
+    sample = _take(activations(), cfg.batch_size).to(cfg.device)
     info: dict = {"init": cfg.init, "d_init": None}
     init_standard_(sae, sample, generator=generator)
     if cfg.init == "standard":
         return sae, info
     acc = CovarianceAccumulator(d)
-    for chunk in store.iter_tokens(cfg.site):
+    for chunk in activations():
         acc.update(chunk[: cfg.init_tokens - acc.n])
         if acc.n >= cfg.init_tokens:
             break
@@ -161,9 +165,24 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
     arch.check_site(site)
     _checks(cfg, arch.site_dim(site))  # bad combinations fail before anything is written
     out = prepare_run_dir(out, cfg, "train-sae")
-    store = _store(cfg, out, lm, progress)
-    sae, init_info = build_sae(cfg, store)
     total_steps = cfg.tokens // cfg.batch_size
+    d = arch.site_dim(site)
+    if cfg.source == "stream":
+        stream = StreamSource(lm, cfg.site, cfg.corpus, seed=cfg.seed, context_length=cfg.context_length,
+                              batch_size=cfg.batch_size, chunk_tokens=cfg.stream_chunk_tokens)
+        held_out, context = training_held_out(cfg, lm, out)  # also checks the corpus is long enough, up front
+        sae, init_info = build_sae(cfg, d, lambda: stream(0))
+        batches, store_tokens = stream, None
+    else:
+        store = _store(cfg, out, lm, progress)
+        sae, init_info = build_sae(cfg, d, lambda: store.iter_tokens(cfg.site))
+
+        def batches(start: int):
+            return store.token_batches(cfg.site, cfg.batch_size, cfg.shuffle_buffer_tokens, cfg.seed,
+                                       start_batch=start, epochs=None)
+
+        store_tokens = store.n_tokens
+        held_out, context = training_held_out(cfg, lm, out)
     window = cfg.dead_window_tokens or dead_window(cfg.tokens)
     settings = TrainSettings(total_steps=total_steps, lr=cfg.lr, optimizer=cfg.optimizer,
                              bias_correction=cfg.bias_correction, warmup_steps=cfg.warmup_steps,
@@ -174,11 +193,6 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
     autocast = resolve_dtype(cfg.train_dtype)
     objective = SAEObjective(sae, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient, autocast_dtype=autocast)
     trainer = Trainer(objective, settings, out, progress=progress)
-
-    def batches(start: int):
-        return store.token_batches(cfg.site, cfg.batch_size, cfg.shuffle_buffer_tokens, cfg.seed, start_batch=start,
-                                   epochs=None)
-
     trainer.train(batches)
     train_dead = int(trainer.tracker.n_dead(window))
     from ranklens.dictionaries.saelens import save_saelens
@@ -189,18 +203,24 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
               "init": cfg.init, "d_init": init_info["d_init"], "tokens": total_steps * cfg.batch_size,
               "optimizer": cfg.optimizer, "aux_k": cfg.aux_k, "dead_features": train_dead,
               "dead_fraction": train_dead / sae.n_features, "dead_window_tokens": window,
-              "store_tokens": store.n_tokens}
-    context = int(store.meta.get("context_length", cfg.context_length))
-    result.update(evaluate_sae(sae, lm, cfg.site, held_out_documents(store), context, cfg.eval_tokens,
-                               cfg.lm_eval_tokens))
+              "source": cfg.source, "store_tokens": store_tokens}
+    result.update(evaluate_sae(sae, lm, cfg.site, held_out, context, cfg.eval_tokens, cfg.lm_eval_tokens))
     atomic_write_json(metrics_path, result)
     return result
 
 
-def held_out_documents(store: ActivationStore):
-    """The documents after those the store holds: never seen in training."""
-    meta = store.meta
-    return itertools.islice(iter_documents(meta["corpus"], seed=meta["seed"]), store.docs_consumed, None)
+def training_held_out(cfg: SAETrainConfig, lm: LoadedModel, run_dir: Path):
+    """(documents, context length): the documents after those a training run consumes, never seen in training."""
+    if cfg.source == "stream":
+        stream = StreamSource(lm, cfg.site, cfg.corpus, seed=cfg.seed, context_length=cfg.context_length,
+                              batch_size=cfg.batch_size, chunk_tokens=cfg.stream_chunk_tokens)
+        n_chunks = -(-(cfg.tokens // cfg.batch_size) // stream.batches_per_chunk)
+        start, corpus, seed, context = stream.chunk_documents(n_chunks)[-1], cfg.corpus, cfg.seed, cfg.context_length
+    else:
+        store = ActivationStore(cfg.store or Path(run_dir) / "activations")
+        meta = store.meta
+        start, corpus, seed, context = store.docs_consumed, meta["corpus"], meta["seed"], int(meta["context_length"])
+    return itertools.islice(iter_documents(corpus, seed=seed), start, None), context
 
 
 @torch.no_grad()
@@ -280,8 +300,7 @@ def eval_sae(directory: str | Path, cfg: SAEEvalConfig) -> dict:
         raise RanklensError("--model and --site are needed to evaluate an SAE that is not a ranklens run")
     lm = load_model(model, cfg.dtype, cfg.device)
     if run_cfg is not None and cfg.corpus is None:
-        store = ActivationStore(run_cfg.store or directory / "activations")
-        documents, context = held_out_documents(store), int(store.meta["context_length"])
+        documents, context = training_held_out(run_cfg, lm, directory)
     else:
         corpus = cfg.corpus or (run_cfg.corpus if run_cfg else "default")
         documents = iter_documents(corpus, seed=cfg.seed)

@@ -186,7 +186,7 @@ class Trainer:
         self.optimizer.step(active_rows=result.active)
         self.objective.after_step()
         self.tracker.update(result.active, result.n_tokens)
-        return {"loss": float(result.loss), **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
+        return {"loss": float(result.loss.detach()), **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
                 "k": ctx.k if ctx.k is not None else float("nan"), "n_tokens": result.n_tokens}
 
     def _log(self, window: list[dict[str, float]], started: float, tokens_at_start: int) -> None:
