@@ -35,6 +35,7 @@ class StreamSource:
         # chunk keep that waste under 1/8.
         self.forward_tokens = max(1, min(forward_tokens, self.chunk_tokens // 8))
         self.capture = Capturer(lm.model, site)
+        self._last: tuple[int, torch.Tensor, int] | None = None  # (first document, rows, next document)
 
     @property
     def batches_per_chunk(self) -> int:
@@ -61,7 +62,11 @@ class StreamSource:
         return starts
 
     def _chunk(self, start_doc: int) -> tuple[torch.Tensor, int]:
-        """The chunk starting at document `start_doc`: its activation rows and the next chunk's first document."""
+        """The chunk starting at document `start_doc`: its activation rows and the next chunk's first document.
+        The last chunk is kept, so reading the start of the stream for initialization and then training from
+        step 0 runs the model over it once."""
+        if self._last is not None and self._last[0] == start_doc:
+            return self._last[1], self._last[2]
         rows, seen, docs = [], 0, start_doc
         for batch in self._token_batches(start_doc):
             acts = self.capture(batch.input_ids.to(self.lm.device), batch.attention_mask.to(self.lm.device))
@@ -73,7 +78,8 @@ class StreamSource:
         if seen < self.chunk_tokens:
             raise RanklensError(f"corpus {self.corpus!r} ran out of documents during an on-the-fly chunk; lower "
                                 "--tokens or use a larger corpus")
-        return torch.cat(rows)[: self.chunk_tokens], docs
+        self._last = (start_doc, torch.cat(rows)[: self.chunk_tokens], docs)
+        return self._last[1], self._last[2]
 
     def __call__(self, start_step: int) -> Iterator[torch.Tensor]:
         """Batches from training step `start_step` on (the Trainer's BatchSource)."""

@@ -76,7 +76,7 @@ class SpectrumConfig(Config):
     compare: str | None = None  # comparisons, e.g. "corpus=prose,corpus=code,model=minilm-l6"
     compare_sites: str = "Lmid.attn_out,Lmid.attn_z,Lmid.mlp_out,Lmid.resid_post"
     compare_tokens: int = 30_000
-    checkpoint_seconds: float = 120.0
+    checkpoint_seconds: float = 300.0
 
 
 # --------------------------------------------------------------------------- step 1: accumulation

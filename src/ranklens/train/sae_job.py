@@ -90,6 +90,16 @@ class SAETrainConfig(Config):
     wandb_project: str | None = None
 
 
+def _k(cfg: SAETrainConfig) -> int | None:
+    """k where the activation has one (TopK, BatchTopK)."""
+    return cfg.k if cfg.activation in ("topk", "batchtopk") else None
+
+
+def _stream(cfg: SAETrainConfig, lm: LoadedModel) -> StreamSource:
+    return StreamSource(lm, cfg.site, cfg.corpus, seed=cfg.seed, context_length=cfg.context_length,
+                        batch_size=cfg.batch_size, chunk_tokens=cfg.stream_chunk_tokens)
+
+
 def _checks(cfg: SAETrainConfig, d: int) -> int:
     n_features = cfg.n_features or cfg.expansion * d
     if cfg.activation in ("topk", "batchtopk") and not 1 <= cfg.k <= n_features:
@@ -129,8 +139,7 @@ def build_sae(cfg: SAETrainConfig, d: int, activations) -> tuple[SparseAutoencod
     description of the init for the metrics."""
     n_features = _checks(cfg, d)
     sae_cfg = SAEConfig(d_in=d, n_features=n_features, activation=cfg.activation,
-                        k=cfg.k if cfg.activation in ("topk", "batchtopk") else None,
-                        normalize_decoder=cfg.normalize_decoder,
+                        k=_k(cfg), normalize_decoder=cfg.normalize_decoder,
                         **({"l1_coefficient": cfg.l1_coefficient} if cfg.l1_coefficient is not None else {}))
     sae = SparseAutoencoder(sae_cfg).to(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -168,8 +177,7 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
     total_steps = cfg.tokens // cfg.batch_size
     d = arch.site_dim(site)
     if cfg.source == "stream":
-        stream = StreamSource(lm, cfg.site, cfg.corpus, seed=cfg.seed, context_length=cfg.context_length,
-                              batch_size=cfg.batch_size, chunk_tokens=cfg.stream_chunk_tokens)
+        stream = _stream(cfg, lm)
         held_out, context = training_held_out(cfg, lm, out)  # also checks the corpus is long enough, up front
         sae, init_info = build_sae(cfg, d, lambda: stream(0))
         batches, store_tokens = stream, None
@@ -186,7 +194,7 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
     window = cfg.dead_window_tokens or dead_window(cfg.tokens)
     settings = TrainSettings(total_steps=total_steps, lr=cfg.lr, optimizer=cfg.optimizer,
                              bias_correction=cfg.bias_correction, warmup_steps=cfg.warmup_steps,
-                             k=cfg.k if cfg.activation in ("topk", "batchtopk") else None, k_initial=cfg.k_initial,
+                             k=_k(cfg), k_initial=cfg.k_initial,
                              k_anneal_fraction=cfg.k_anneal_fraction, dead_window_tokens=window,
                              checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                              wandb_project=cfg.wandb_project)
@@ -199,7 +207,7 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
 
     save_saelens(sae, out / SAE_DIR, model=cfg.model, site=cfg.site, context_length=cfg.context_length,
                  corpus=cfg.corpus, extra={"ranklens_config": cfg.model_dump(mode="json"), **init_info})
-    result = {"n_features": sae.n_features, "k": cfg.k if cfg.activation in ("topk", "batchtopk") else None,
+    result = {"n_features": sae.n_features, "k": _k(cfg),
               "init": cfg.init, "d_init": init_info["d_init"], "tokens": total_steps * cfg.batch_size,
               "optimizer": cfg.optimizer, "aux_k": cfg.aux_k, "dead_features": train_dead,
               "dead_fraction": train_dead / sae.n_features, "dead_window_tokens": window,
@@ -212,8 +220,7 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
 def training_held_out(cfg: SAETrainConfig, lm: LoadedModel, run_dir: Path):
     """(documents, context length): the documents after those a training run consumes, never seen in training."""
     if cfg.source == "stream":
-        stream = StreamSource(lm, cfg.site, cfg.corpus, seed=cfg.seed, context_length=cfg.context_length,
-                              batch_size=cfg.batch_size, chunk_tokens=cfg.stream_chunk_tokens)
+        stream = _stream(cfg, lm)
         n_chunks = -(-(cfg.tokens // cfg.batch_size) // stream.batches_per_chunk)
         start, corpus, seed, context = stream.chunk_documents(n_chunks)[-1], cfg.corpus, cfg.seed, cfg.context_length
     else:
