@@ -2,14 +2,16 @@
 
 The job runs its accumulation step (one early-stopped forward per batch feeding a covariance accumulator per site)
 for every site of the demo (4 kinds x all layers), once with float64 and once with float32 Gram matrices; the
-reference is `truncated_forward` (no hooks) through the same deepest layer over the same batches. The goal is a
-ratio of at least 0.8. Usage: python bench/spectrum.py [--tokens 16384] [--sites ...]
+reference is `truncated_forward` (no hooks) through the same deepest layer over the same batches. The variants
+alternate (A B C A B C ...) so drifting machine load hits all alike, and medians are reported. The goal is a
+ratio of at least 0.8. Usage: python bench/spectrum.py [--tokens 8192] [--repeats 3] [--sites ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sites", default="L*.attn_out,L*.attn_z,L*.mlp_out,L*.resid_post")
-    parser.add_argument("--tokens", type=int, default=16_384)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     args = parser.parse_args()
 
@@ -58,14 +61,18 @@ def main() -> None:
             return time.perf_counter() - start
 
     reference()  # warm-up
-    times = {"truncated_forward": reference(), "job_float64": job("float64"), "job_float32": job("float32"),
-             "truncated_forward_again": reference()}
-    ref = (times["truncated_forward"] + times["truncated_forward_again"]) / 2
+    variants = {"truncated_forward": reference, "job_float64": lambda: job("float64"),
+                "job_float32": lambda: job("float32")}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, run in variants.items():
+            times[name].append(run())
+    median = {name: statistics.median(t) for name, t in times.items()}
     print(json.dumps({
         "model": args.model, "dtype": str(lm.dtype), "sites": len(sites), "tokens": args.tokens,
         "threads": torch.get_num_threads(), "seconds": times,
-        "ratio_job_float64_vs_forward": ref / times["job_float64"],
-        "ratio_job_float32_vs_forward": ref / times["job_float32"],
+        "ratio_job_float64_vs_forward": median["truncated_forward"] / median["job_float64"],
+        "ratio_job_float32_vs_forward": median["truncated_forward"] / median["job_float32"],
     }, indent=1))
 
 
