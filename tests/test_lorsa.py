@@ -333,3 +333,38 @@ def test_dtype_follows_the_parameters():
     assert lorsa(x).out.dtype == torch.float32
     lorsa.double()
     torch.testing.assert_close(lorsa(x).out, naive_lorsa(lorsa, x, None)[0], rtol=1e-10, atol=1e-10)
+
+
+# ---- the causal fast path and the pre-activations kept for AuxK -----------------------------------------------------
+
+
+def test_causal_without_mask_uses_is_causal_and_matches_the_explicit_mask():
+    lorsa = _variant("causal_rope")
+    x = _x()
+    ones = torch.ones(3, 10, dtype=torch.long)
+    with mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
+        fast = lorsa(x)
+    assert sdpa.call_args.kwargs["is_causal"] is True and "attn_mask" not in sdpa.call_args.kwargs
+    explicit = lorsa(x, ones)
+    ref_out, ref_code, _, _ = naive_lorsa(lorsa, x, None)
+    torch.testing.assert_close(fast.out, explicit.out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast.dense(lorsa.n_heads), ref_code, rtol=1e-10, atol=1e-10)
+
+
+def test_right_padding_needs_no_mask_at_real_positions_of_a_causal_lorsa():
+    """With right padding a causal query never sees a padded key, so the fast path is exact at real positions."""
+    lorsa = _variant("causal_rope")
+    x, mask = _x(), _mask()
+    real = mask.bool()
+    torch.testing.assert_close(lorsa(x).out[real], lorsa(x, mask).out[real], rtol=1e-12, atol=1e-12)
+
+
+def test_encode_with_pre_matches_encode_and_z_pre():
+    lorsa = _variant("chunked_groups")
+    x, mask = _x(), _mask()
+    values, indices, pre = lorsa.encode_with_pre(x, mask)
+    v2, i2 = lorsa.encode(x, mask)
+    assert torch.equal(values, v2) and torch.equal(indices, i2)
+    torch.testing.assert_close(pre, lorsa.z_pre(x, mask), rtol=0, atol=0)
+    assert pre.requires_grad

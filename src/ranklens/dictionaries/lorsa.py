@@ -283,22 +283,28 @@ class Lorsa(nn.Module):
         pos = default_positions(B, T, position_ids, x.device)
         spec = RopeSpec(inv_freq=self.rope_inv_freq, attention_scaling=self.cfg.positions.attention_scaling)
         cos, sin = spec.cos_sin(pos, x.dtype, x.device)  # [B, T, rd]
-        return spec, cos[:, None], sin[:, None]  # broadcast over the group dim
+        return spec, cos[:, :, None], sin[:, :, None]  # broadcast over the group dim of [B, T, g, d_qk]
 
     def _qk(self, x: torch.Tensor, groups: slice, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k [B, g, T, d_qk] of the given groups, normalized and rotated like the target's."""
-        q = torch.einsum("btd,gkd->bgtk", x, self.W_Q[groups]) + self.b_Q[groups][None, :, None, :]
-        k = torch.einsum("btd,gkd->bgtk", x, self.W_K[groups]) + self.b_K[groups][None, :, None, :]
+        """q, k [B, g, T, d_qk] of the given groups, normalized and rotated like the target's.
+
+        Computed as one [B, T, g * d_qk] matmul each and rotated in that layout; the returned tensors are transposed
+        views (no copy), which SDPA reads as they are."""
+        B, T = x.shape[:2]
+        W_Q, W_K = self.W_Q[groups], self.W_K[groups]  # [g, d_qk, d]
+        g, dqk = W_Q.shape[0], W_Q.shape[1]
+        q = F.linear(x, W_Q.reshape(g * dqk, -1), self.b_Q[groups].reshape(-1)).view(B, T, g, dqk)
+        k = F.linear(x, W_K.reshape(g * dqk, -1), self.b_K[groups].reshape(-1)).view(B, T, g, dqk)
         if self.cfg.qk_norm:
             # Normalized in at least float32 (Qwen3 normalizes in float32 even for float64 models; a float64 Lorsa
             # keeps float64, so it matches such a target to ~1e-7 rather than to the last bit).
             eps, up = self.cfg.qk_norm_eps, torch.promote_types(q.dtype, torch.float32)
-            q = rms_norm(q, self.q_norm_weight[groups][None, :, None, :], eps, upcast=up)
-            k = rms_norm(k, self.k_norm_weight[groups][None, :, None, :], eps, upcast=up)
+            q = rms_norm(q, self.q_norm_weight[groups], eps, upcast=up)
+            k = rms_norm(k, self.k_norm_weight[groups], eps, upcast=up)
         if rope is not None:
             spec, cos, sin = rope
             q, k = spec.apply(q, cos, sin), spec.apply(k, cos, sin)
-        return q, k
+        return q.transpose(1, 2), k.transpose(1, 2)
 
     def _values(self, x: torch.Tensor, heads: slice) -> torch.Tensor:
         """v [B, T, h] = x w_v^h + b_v^h for the given heads (Alg. 1, line 4)."""
@@ -318,10 +324,13 @@ class Lorsa(nn.Module):
             return allowed[:, None], None
         return (allowed | ~rows_ok)[:, None], rows_ok[:, None]
 
-    def _attend(self, q, k, v, allowed, rows_ok) -> torch.Tensor:
-        """softmax(q k^T * scale + mask) v per group: q, k [B, g, T, dqk], v [B, g, T, n] -> [B, g, T, n]."""
+    def _attend(self, q, k, v, allowed, rows_ok, is_causal: bool = False) -> torch.Tensor:
+        """softmax(q k^T * scale + mask) v per group: q, k [B, g, T, dqk], v [B, g, T, n] -> [B, g, T, n].
+        ``is_causal``: the mask is exactly causal (``allowed`` is None), which SDPA's kernels exploit."""
         scale = self.cfg.attn_scale
-        if self.cfg.softcap is None:
+        if is_causal:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        elif self.cfg.softcap is None:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
         else:
             z = self._attend_manual(q, k, v, allowed, scale)
@@ -346,7 +355,11 @@ class Lorsa(nn.Module):
         B, T = self._check(x, attention_mask)
         x = self._prep(x)
         rope = self._rope(B, T, position_ids, x)
-        allowed, rows_ok = self._mask(T, attention_mask, x.device)
+        c = self.cfg
+        # Without padding, sliding window or soft-cap the mask is plain causal: SDPA's is_causal path skips the
+        # masked half instead of reading a [T, T] mask (same result, tested against the explicit mask).
+        is_causal = attention_mask is None and c.causal and c.sliding_window is None and c.softcap is None
+        allowed, rows_ok = (None, None) if is_causal else self._mask(T, attention_mask, x.device)
         G, n = self.cfg.n_qk_groups, self.cfg.heads_per_group
         chunk = self.cfg.group_chunk or G
         for g0 in range(0, G, chunk):
@@ -354,7 +367,7 @@ class Lorsa(nn.Module):
             q, k = self._qk(x, slice(g0, g1), rope)
             v = self._values(x, slice(g0 * n, g1 * n))  # [B, T, (g1-g0) * n]
             v = v.view(B, T, g1 - g0, n).transpose(1, 2)  # [B, g, T, n]: the group's heads as value dims
-            z = self._attend(q, k, v, allowed, rows_ok)  # [B, g, T, n]
+            z = self._attend(q, k, v, allowed, rows_ok, is_causal)  # [B, g, T, n]
             yield g0 * n, z.transpose(1, 2).reshape(B, T, (g1 - g0) * n)
 
     # ---- public API -------------------------------------------------------------------------------------------------
@@ -376,11 +389,28 @@ class Lorsa(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The sparse code: (values [B, T, K] = ReLU(z) of the selected heads, indices [B, T, K]), the top-K heads
         per token by ReLU(z^h) ||w_o^h|| (footnote 3), sorted descending."""
+        values, indices, _ = self._encode(x, attention_mask, position_ids, keep_pre=False)
+        return values, indices
+
+    def encode_with_pre(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``encode`` plus every head's pre-ReLU z [B, T, H] from the same pass (with its autograd graph), for
+        objectives that need the unselected heads too (AuxK on the dead heads)."""
+        return self._encode(x, attention_mask, position_ids, keep_pre=True)
+
+    def _encode(self, x, attention_mask, position_ids, keep_pre: bool):
         K = self.cfg.k
         with torch.no_grad():
             o_norm = self.W_O.norm(dim=1)  # [H]
         best_s = best_v = best_i = None
+        pre = []
         for h0, z in self._z_chunks(x, attention_mask, position_ids):
+            if keep_pre:
+                pre.append(z)
             a = F.relu(z)  # Appendix B.4
             s = a.detach() * o_norm[h0 : h0 + z.shape[-1]].to(a.dtype)
             s_top, idx = s.topk(min(K, z.shape[-1]), dim=-1)
@@ -393,7 +423,7 @@ class Lorsa(nn.Module):
                 best_s, pick = s_all.topk(min(K, s_all.shape[-1]), dim=-1)
                 best_v = torch.cat([best_v, v_top], -1).gather(-1, pick)
                 best_i = torch.cat([best_i, idx], -1).gather(-1, pick)
-        return best_v, best_i
+        return best_v, best_i, (torch.cat(pre, dim=-1) if keep_pre else None)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_k values[..., k] W_O[indices[..., k]] + b_O (Alg. 1, lines 7 and 9), via embedding_bag."""
