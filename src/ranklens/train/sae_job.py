@@ -12,8 +12,6 @@ Steps, each resumable in the run directory:
 
 from __future__ import annotations
 
-import itertools
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -21,10 +19,9 @@ import torch
 
 from ranklens.config import Config
 from ranklens.data.collect import CollectConfig, collect
-from ranklens.data.corpus import iter_documents
 from ranklens.data.store import ActivationStore
 from ranklens.data.stream import StreamSource
-from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, first_tokens, token_batches
+from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH
 from ranklens.dictionaries.init import (
     asi_basis,
     init_asi_,
@@ -34,9 +31,7 @@ from ranklens.dictionaries.init import (
 )
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
 from ranklens.errors import RanklensError
-from ranklens.eval.lm_loss import spliced_lm_loss
-from ranklens.eval.metrics import ReconstructionMetrics
-from ranklens.lm.capture import Capturer
+from ranklens.eval.held_out import HeldOutSet, HeldOutSource
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
 from ranklens.lm.sites import Site, describe
 from ranklens.rundir import atomic_write_json, prepare_run_dir, read_json
@@ -163,12 +158,19 @@ def build_sae(cfg: SAETrainConfig, d: int, activations) -> tuple[SparseAutoencod
     return sae, info
 
 
-def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> dict:
+def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: LoadedModel | None = None,
+              held_out: HeldOutSet | None = None) -> dict:
+    """Train (or resume, or reuse) the SAE of `cfg` in `out`; returns the metrics.json content.
+
+    `lm` reuses a model the caller already loaded (it must be `cfg.model` in `cfg.dtype`); `held_out` reuses an
+    evaluation set prepared for many runs (it must hold `cfg.site` over the text this run holds out, with the same
+    token counts), so the metrics equal those of the run alone.
+    """
     metrics_path = Path(out) / METRICS_NAME
     if metrics_path.exists():
         prepare_run_dir(out, cfg, "train-sae")  # refuses a directory of another run
         return read_json(metrics_path)
-    lm = load_model(cfg.model, cfg.dtype, cfg.device)
+    lm = lm or load_model(cfg.model, cfg.dtype, cfg.device)
     arch = describe(lm.model)
     site = Site.parse(cfg.site)
     arch.check_site(site)
@@ -178,7 +180,7 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
     d = arch.site_dim(site)
     if cfg.source == "stream":
         stream = _stream(cfg, lm)
-        held_out, context = training_held_out(cfg, lm, out)  # also checks the corpus is long enough, up front
+        source = training_held_out(cfg, lm, out)
         sae, init_info = build_sae(cfg, d, lambda: stream(0))
         batches, store_tokens = stream, None
     else:
@@ -190,7 +192,8 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
                                        start_batch=start, epochs=None)
 
         store_tokens = store.n_tokens
-        held_out, context = training_held_out(cfg, lm, out)
+        source = training_held_out(cfg, lm, out)
+    held_out = _held_out_set(cfg, lm, source, held_out)  # also checks the corpus is long enough, up front
     window = cfg.dead_window_tokens or dead_window(cfg.tokens)
     settings = TrainSettings(total_steps=total_steps, lr=cfg.lr, optimizer=cfg.optimizer,
                              bias_correction=cfg.bias_correction, warmup_steps=cfg.warmup_steps,
@@ -212,13 +215,24 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True) -> di
               "optimizer": cfg.optimizer, "aux_k": cfg.aux_k, "dead_features": train_dead,
               "dead_fraction": train_dead / sae.n_features, "dead_window_tokens": window,
               "source": cfg.source, "store_tokens": store_tokens}
-    result.update(evaluate_sae(sae, lm, cfg.site, held_out, context, cfg.eval_tokens, cfg.lm_eval_tokens))
+    result.update(held_out.evaluate(sae, cfg.site))
     atomic_write_json(metrics_path, result)
     return result
 
 
-def training_held_out(cfg: SAETrainConfig, lm: LoadedModel, run_dir: Path):
-    """(documents, context length): the documents after those a training run consumes, never seen in training."""
+def _held_out_set(cfg: SAETrainConfig, lm: LoadedModel, source: HeldOutSource, given: HeldOutSet | None,
+                  ) -> HeldOutSet:
+    if given is None:
+        return HeldOutSet(lm, [cfg.site], source, cfg.eval_tokens, cfg.lm_eval_tokens)
+    expected = (source, cfg.eval_tokens, cfg.lm_eval_tokens)
+    if cfg.site not in given.sites or (given.source, given.eval_tokens, given.lm_eval_tokens) != expected:
+        raise RanklensError(f"the given held-out set ({given.source}, {given.eval_tokens}/{given.lm_eval_tokens} "
+                            f"tokens, sites {list(given.sites)}) is not this run's ({expected}, site {cfg.site})")
+    return given
+
+
+def training_held_out(cfg: SAETrainConfig, lm: LoadedModel, run_dir: Path) -> HeldOutSource:
+    """The documents after those a training run consumes, never seen in training."""
     if cfg.source == "stream":
         stream = _stream(cfg, lm)
         n_chunks = -(-(cfg.tokens // cfg.batch_size) // stream.batches_per_chunk)
@@ -227,45 +241,14 @@ def training_held_out(cfg: SAETrainConfig, lm: LoadedModel, run_dir: Path):
         store = ActivationStore(cfg.store or Path(run_dir) / "activations")
         meta = store.meta
         start, corpus, seed, context = store.docs_consumed, meta["corpus"], meta["seed"], int(meta["context_length"])
-    return itertools.islice(iter_documents(corpus, seed=seed), start, None), context
+    return HeldOutSource(corpus, int(seed), int(start), int(context))
 
 
-@torch.no_grad()
-def evaluate_sae(sae: SparseAutoencoder, lm: LoadedModel, site_name: str, documents, context_length: int,
-                 eval_tokens: int, lm_eval_tokens: int) -> dict:
+def evaluate_sae(sae: SparseAutoencoder, lm: LoadedModel, site_name: str, source: HeldOutSource, eval_tokens: int,
+                 lm_eval_tokens: int) -> dict:
     """FVU, L0 and dead features over `eval_tokens` held-out tokens, and the spliced LM loss over `lm_eval_tokens`
-    (definitions in DESIGN.md); `documents` must be text the SAE never trained on."""
-    arch = describe(lm.model)
-    site = Site.parse(site_name)
-    if arch.site_dim(site) != sae.d_in:
-        raise RanklensError(f"site {site_name} has dimension {arch.site_dim(site)} but the SAE expects "
-                            f"d_in={sae.d_in}")
-    metrics = ReconstructionMetrics(sae.n_features)
-    capture = Capturer(lm.model, [site])
-    batches = first_tokens(token_batches(documents, lm.tokenizer, context_length, 8192),
-                           max(eval_tokens, lm_eval_tokens))
-    seen = 0
-    for batch in batches:
-        if seen >= eval_tokens:
-            break
-        x = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))[site_name]
-        x = x[batch.stat_mask.to(x.device)].to(sae.W_D.dtype)[: eval_tokens - seen]
-        x_hat, code = sae(x)
-        fired = code.indices[code.active_mask()] if code.is_sparse else code.active_mask().nonzero()[:, 1]
-        metrics.update(x, x_hat, fired)
-        seen += x.shape[0]
-    result = metrics.result()
-    if arch.causal:
-        lm_batches = first_tokens(iter(batches), lm_eval_tokens)
-
-        def reconstruct(x: torch.Tensor) -> torch.Tensor:
-            return sae(x.to(sae.W_D.dtype))[0]
-
-        lm_metrics = spliced_lm_loss(lm.model, arch, lm_batches, site, reconstruct)
-        result.update(lm_metrics, lm_eval_tokens=sum(b.n_tokens for b in lm_batches))
-    else:
-        print(f"note: {lm.name} is not a causal LM; skipping the spliced LM loss", file=sys.stderr)
-    return result
+    (definitions in DESIGN.md); `source` must be text the SAE never trained on."""
+    return HeldOutSet(lm, [site_name], source, eval_tokens, lm_eval_tokens).evaluate(sae, site_name)
 
 
 class SAEEvalConfig(Config):
@@ -307,9 +290,9 @@ def eval_sae(directory: str | Path, cfg: SAEEvalConfig) -> dict:
         raise RanklensError("--model and --site are needed to evaluate an SAE that is not a ranklens run")
     lm = load_model(model, cfg.dtype, cfg.device)
     if run_cfg is not None and cfg.corpus is None:
-        documents, context = training_held_out(run_cfg, lm, directory)
+        source = training_held_out(run_cfg, lm, directory)
     else:
         corpus = cfg.corpus or (run_cfg.corpus if run_cfg else "default")
-        documents = iter_documents(corpus, seed=cfg.seed)
         context = cfg.context_length or (run_cfg.context_length if run_cfg else DEFAULT_CONTEXT_LENGTH)
-    return evaluate_sae(sae, lm, site, documents, context, cfg.eval_tokens, cfg.lm_eval_tokens)
+        source = HeldOutSource(corpus, cfg.seed, 0, context)
+    return evaluate_sae(sae, lm, site, source, cfg.eval_tokens, cfg.lm_eval_tokens)

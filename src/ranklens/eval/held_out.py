@@ -1,0 +1,116 @@
+"""Held-out evaluation of sparse autoencoders, prepared once and reused for every dictionary evaluated on it.
+
+A ``HeldOutSet`` holds the text after a training store (``HeldOutSource``: corpus, seed, first document, context
+length) and what every evaluation on it shares: the activations of its sites over ``eval_tokens`` ordinary tokens
+(one early-stopped forward pass for all sites), the token batches of the spliced LM loss, and the clean and
+zero-ablated cross-entropies per site. Evaluating a dictionary then costs its own forward over the cached
+activations and one spliced pass of the model. ``ranklens train sae`` builds one per run; ``ranklens reproduce``
+builds one per store and evaluates dozens of SAEs on it, with the same numbers each run would give alone.
+
+Metrics (DESIGN.md): FVU (``nmse``), ``nmse_uncentered``, explained variance, L0 and dead features over the evaluation
+tokens (``ReconstructionMetrics``), and ``ce_clean``, ``ce_spliced``, ``ce_zero_ablation``, ``delta_lm_loss``,
+``loss_recovered`` over ``lm_eval_tokens`` (App. B; footnote 8 of the dimensional-collapse paper).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ranklens.data.corpus import iter_documents
+from ranklens.data.tokenize import first_tokens, token_batches
+from ranklens.dictionaries.sae import SparseAutoencoder
+from ranklens.errors import RanklensError
+from ranklens.eval.lm_loss import cross_entropies, spliced_metrics, zero_ablation
+from ranklens.eval.metrics import ReconstructionMetrics
+from ranklens.lm.capture import Capturer
+from ranklens.lm.load import LoadedModel
+from ranklens.lm.sites import Site, describe
+
+EVAL_BATCH_TOKENS = 8192  # padded positions per forward pass
+
+
+@dataclass(frozen=True)
+class HeldOutSource:
+    """Which text is held out: the documents of `corpus` (in its `seed` order) from `start_doc` on."""
+
+    corpus: str
+    seed: int
+    start_doc: int
+    context_length: int
+
+    def documents(self) -> Iterator[str]:
+        return itertools.islice(iter_documents(self.corpus, seed=self.seed), self.start_doc, None)
+
+
+class HeldOutSet:
+    """The shared part of evaluating dictionaries at `sites` on the held-out text of `source`."""
+
+    def __init__(self, lm: LoadedModel, sites: Sequence[str], source: HeldOutSource, eval_tokens: int,
+                 lm_eval_tokens: int) -> None:
+        self.lm = lm
+        self.arch = describe(lm.model)
+        self.source = source
+        self.eval_tokens = eval_tokens
+        self.lm_eval_tokens = lm_eval_tokens
+        parsed = [Site.parse(s) for s in sites]
+        for site in parsed:
+            self.arch.check_site(site)
+        self.sites = tuple(s.name for s in parsed)
+        batches = first_tokens(token_batches(source.documents(), lm.tokenizer, source.context_length,
+                                             EVAL_BATCH_TOKENS), max(eval_tokens, lm_eval_tokens))
+        self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.sites}
+        capture = Capturer(lm.model, parsed)
+        seen = 0
+        for batch in batches:
+            if seen >= eval_tokens:
+                break
+            acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
+            for name in self.sites:
+                self._rows[name].append(acts[name][batch.stat_mask.to(lm.device)][: eval_tokens - seen])
+            seen += self._rows[self.sites[0]][-1].shape[0]
+        self.lm_batches = first_tokens(iter(batches), lm_eval_tokens) if self.arch.causal else []
+        self._baselines: dict[str, dict[str, float]] = {}
+
+    def activations(self, site: str) -> list[torch.Tensor]:
+        """The evaluation activations of `site`, one [m, d] tensor per batch (model dtype)."""
+        if site not in self._rows:
+            raise RanklensError(f"held-out set holds sites {list(self.sites)}, not {site!r}")
+        return self._rows[site]
+
+    def _baseline(self, site: str) -> dict[str, float]:
+        if site not in self._baselines:
+            self._baselines[site] = cross_entropies(self.lm.model, self.arch, self.lm_batches, Site.parse(site),
+                                                    {"clean": None, "zero": zero_ablation})
+        return self._baselines[site]
+
+    @torch.no_grad()
+    def evaluate(self, sae: SparseAutoencoder, site: str) -> dict:
+        """FVU, L0 and dead features over the evaluation tokens, and the spliced LM loss (causal models)."""
+        if self.arch.site_dim(Site.parse(site)) != sae.d_in:
+            raise RanklensError(f"site {site} has dimension {self.arch.site_dim(Site.parse(site))} but the SAE "
+                                f"expects d_in={sae.d_in}")
+        metrics = ReconstructionMetrics(sae.n_features)
+        for rows in self.activations(site):
+            x = rows.to(sae.W_D.dtype)
+            x_hat, code = sae(x)
+            fired = code.indices[code.active_mask()] if code.is_sparse else code.active_mask().nonzero()[:, 1]
+            metrics.update(x, x_hat, fired)
+        result = metrics.result()
+        if not self.arch.causal:
+            print(f"note: {self.lm.name} is not a causal LM; skipping the spliced LM loss", file=sys.stderr)
+            return result
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:
+            return sae(x.to(sae.W_D.dtype))[0]
+
+        base = self._baseline(site)
+        spliced = cross_entropies(self.lm.model, self.arch, self.lm_batches, Site.parse(site),
+                                  {"spliced": reconstruct})["spliced"]
+        result.update(spliced_metrics(base["clean"], spliced, base["zero"]),
+                      lm_eval_tokens=sum(b.n_tokens for b in self.lm_batches))
+        return result
