@@ -110,6 +110,34 @@ def _cmd_eval_sae(args: argparse.Namespace) -> None:
     print(json.dumps(eval_sae(args.directory, _config(args, SAEEvalConfig)), indent=1))
 
 
+def _cmd_train_lorsa(args: argparse.Namespace) -> None:
+    from ranklens.train.lorsa_job import LorsaTrainConfig, train_lorsa
+
+    metrics = train_lorsa(_config(args, LorsaTrainConfig), args.out, progress=not args.quiet)
+    print(json.dumps(metrics, indent=1))
+    print(f"Lorsa: {Path(args.out) / 'lorsa'}; metrics: {Path(args.out) / 'metrics.json'}")
+
+
+def _cmd_eval_lorsa(args: argparse.Namespace) -> None:
+    from ranklens.train.lorsa_job import LorsaEvalConfig, eval_lorsa
+
+    print(json.dumps(eval_lorsa(args.directory, _config(args, LorsaEvalConfig)), indent=1))
+
+
+def _cmd_zpattern(args: argparse.Namespace) -> None:
+    from ranklens.analysis.lorsa_jobs import ZPatternConfig, run_zpattern
+
+    cfg = _config(args, ZPatternConfig)
+    record = run_zpattern(args.directory, cfg)
+    print(f"z pattern written to {cfg.output}" if cfg.output else json.dumps(record))
+
+
+def _cmd_lorsa_top(args: argparse.Namespace) -> None:
+    from ranklens.analysis.lorsa_jobs import LorsaTopConfig, run_lorsa_top
+
+    print(f"top activations and attribution: {run_lorsa_top(args.directory, _config(args, LorsaTopConfig))}")
+
+
 def _job(sub, name: str, help_text: str, config_cls, func: Callable, *, out: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     _config_flags(p, config_cls)
@@ -121,8 +149,10 @@ def _job(sub, name: str, help_text: str, config_cls, func: Callable, *, out: boo
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ranklens.analysis.lorsa_jobs import LorsaTopConfig, ZPatternConfig
     from ranklens.data.collect import CollectConfig
     from ranklens.spectrum.job import SpectrumConfig
+    from ranklens.train.lorsa_job import LorsaEvalConfig, LorsaTrainConfig
     from ranklens.train.sae_job import SAEEvalConfig, SAETrainConfig
 
     parser = argparse.ArgumentParser(prog="ranklens", description=__doc__.splitlines()[0])
@@ -138,10 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a sparse dictionary").add_subparsers(dest="what", required=True)
     _job(train, "sae", "train a sparse autoencoder on one site (TopK/BatchTopK/JumpReLU/ReLU; standard, ASI or "
                        "random-subspace init; Adam or SparseAdam; AuxK)", SAETrainConfig, _cmd_train_sae)
+    _job(train, "lorsa", "train a Lorsa (low-rank sparse attention) replacing one attention layer (default, MHSA-QK "
+                         "or ASI init; Adam or SparseAdam; AuxK)", LorsaTrainConfig, _cmd_train_lorsa)
     evaluate = sub.add_parser("eval", help="evaluate a trained dictionary").add_subparsers(dest="what", required=True)
     p = _job(evaluate, "sae", "evaluate an SAE (a ranklens run, or a SAELens/LlamaScope directory) on held-out text",
              SAEEvalConfig, _cmd_eval_sae, out=False)
     p.add_argument("directory", help="a `ranklens train sae` run directory or an SAE directory")
+    lorsa_dir = "a `ranklens train lorsa` run directory or a Lorsa directory"
+    p = _job(evaluate, "lorsa", "evaluate a Lorsa on held-out text: FVU, dead heads, spliced LM loss",
+             LorsaEvalConfig, _cmd_eval_lorsa, out=False)
+    p.add_argument("directory", help=lorsa_dir)
+    p = _job(sub, "zpattern", "the z pattern of one Lorsa head on a text (Lorsa paper Section 4.1), as JSON",
+             ZPatternConfig, _cmd_zpattern, out=False)
+    p.add_argument("directory", help=lorsa_dir)
+    p = _job(sub, "lorsa-top", "top activations of every Lorsa head on held-out text and their attribution to the "
+                               "original heads (Lorsa paper Section 4.1, App. F), as JSON", LorsaTopConfig,
+             _cmd_lorsa_top, out=False)
+    p.add_argument("directory", help=lorsa_dir)
     return parser
 
 

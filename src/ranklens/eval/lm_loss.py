@@ -24,7 +24,7 @@ from ranklens.data.tokenize import TokenBatch
 from ranklens.errors import RanklensError
 from ranklens.lm.capture import Capturer
 from ranklens.lm.sites import Architecture, Site
-from ranklens.lm.splice import RowMap, replace_site, skip_prefix
+from ranklens.lm.splice import RowMap, SequenceSplice, replace_site, skip_prefix
 
 _LOGIT_CHUNK = 2048  # positions per LM-head matmul
 
@@ -57,9 +57,18 @@ def _sum_ce(model: torch.nn.Module, arch: Architecture, batch: TokenBatch) -> tu
     return total, int(pairs.sum())
 
 
+def _splice(arch: Architecture, site: Site, fn: RowMap | SequenceSplice | None, batch: TokenBatch):
+    if fn is None:
+        return nullcontext()
+    if isinstance(fn, SequenceSplice):
+        return fn.splice(arch, site, batch)
+    return replace_site(arch, site, fn, batch.stat_mask)
+
+
 def cross_entropies(model: torch.nn.Module, arch: Architecture, batches: Iterable[TokenBatch], site: Site | None,
-                    replacements: Mapping[str, RowMap | None]) -> dict[str, float]:
-    """Mean CE for each named replacement of `site` (None = the clean model), over the same batches.
+                    replacements: Mapping[str, RowMap | SequenceSplice | None]) -> dict[str, float]:
+    """Mean CE for each named replacement of `site` (None = the clean model), over the same batches. A replacement
+    is a RowMap of the site's own rows or a `SequenceSplice` (computed from another site of the same forward).
 
     With a site at layer L > 0, the input of layer L is captured once per batch and every replacement runs only
     layers L.. (`skip_prefix`), which halves the cost of a curve at the middle layer.
@@ -78,8 +87,7 @@ def cross_entropies(model: torch.nn.Module, arch: Architecture, batches: Iterabl
             total, count = 0.0, 0
             for batch, prefix in zip(batches, prefixes, strict=True):
                 skip = nullcontext() if prefix is None else skip_prefix(arch, start, prefix)
-                splice = nullcontext() if fn is None else replace_site(arch, site, fn, batch.stat_mask)
-                with skip, splice:
+                with skip, _splice(arch, site, fn, batch):
                     s, c = _sum_ce(model, arch, batch)
                 total, count = total + s, count + c
             if count == 0:
@@ -102,7 +110,7 @@ def spliced_metrics(ce_clean: float, ce_spliced: float, ce_zero: float) -> dict[
 
 
 def spliced_lm_loss(model: torch.nn.Module, arch: Architecture, batches: Iterable[TokenBatch], site: Site,
-                    fn: RowMap) -> dict[str, float]:
+                    fn: RowMap | SequenceSplice) -> dict[str, float]:
     """Clean, spliced and zero-ablated CE at `site`, and the derived Delta LM loss and loss recovered."""
     ce = cross_entropies(model, arch, batches, site, {"clean": None, "spliced": fn, "zero": zero_ablation})
     return spliced_metrics(ce["clean"], ce["spliced"], ce["zero"])
