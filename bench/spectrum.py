@@ -4,13 +4,17 @@ The job runs its accumulation step (one early-stopped forward per batch feeding 
 for every site of the demo (4 kinds x all layers), once with float64 and once with float32 Gram matrices; the
 reference is `truncated_forward` (no hooks) through the same deepest layer over the same batches. The variants
 alternate (A B C A B C ...) so drifting machine load hits all alike, and medians are reported. The goal is a
-ratio of at least 0.8. Usage: python bench/spectrum.py [--tokens 8192] [--repeats 3] [--sites ...]
+ratio of at least 0.8. Besides wall time, each variant's process CPU time is recorded: on a machine shared with other
+jobs, wall time swings with their load while CPU time (best with --threads 1, where no thread spins waiting for a
+descheduled sibling) stays close to the work done. Usage:
+python bench/spectrum.py [--tokens 8192] [--repeats 3] [--threads N] [--sites ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -33,7 +37,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lm = load_model(args.model, "auto")
     arch = describe(lm.model)
@@ -47,32 +54,41 @@ def main() -> None:
         if sum(b.n_tokens for b in batches) >= args.tokens:
             break
 
-    def reference() -> float:
-        start = time.perf_counter()
-        for b in batches:
-            truncated_forward(lm.model, b.input_ids, b.attention_mask, last)
-        return time.perf_counter() - start
+    def timed(run) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        return time.perf_counter() - wall, time.process_time() - cpu
 
-    def job(gram_dtype: str) -> float:
+    def reference() -> tuple[float, float]:
+        def run() -> None:
+            for b in batches:
+                truncated_forward(lm.model, b.input_ids, b.attention_mask, last)
+        return timed(run)
+
+    def job(gram_dtype: str) -> tuple[float, float]:
         cfg = SpectrumConfig(**base, gram_dtype=gram_dtype)
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            accumulate(lm, sites, set(), cfg, Path(tmp), progress=False)
-            return time.perf_counter() - start
+            return timed(lambda: accumulate(lm, sites, set(), cfg, Path(tmp), progress=False))
 
     reference()  # warm-up
     variants = {"truncated_forward": reference, "job_float64": lambda: job("float64"),
                 "job_float32": lambda: job("float32")}
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, run in variants.items():
-            times[name].append(run())
-    median = {name: statistics.median(t) for name, t in times.items()}
+            w, c = run()
+            wall[name].append(w)
+            cpu[name].append(c)
+    ratios = {}
+    for kind, times in (("wall", wall), ("cpu", cpu)):
+        median = {name: statistics.median(t) for name, t in times.items()}
+        for name in ("job_float64", "job_float32"):
+            ratios[f"{kind}_ratio_{name}_vs_forward"] = median["truncated_forward"] / median[name]
     print(json.dumps({
         "model": args.model, "dtype": str(lm.dtype), "sites": len(sites), "tokens": args.tokens,
-        "threads": torch.get_num_threads(), "seconds": times,
-        "ratio_job_float64_vs_forward": median["truncated_forward"] / median["job_float64"],
-        "ratio_job_float32_vs_forward": median["truncated_forward"] / median["job_float32"],
+        "threads": torch.get_num_threads(), "load_average_after": os.getloadavg(), **ratios,
+        "wall_seconds": wall, "cpu_seconds": cpu,
     }, indent=1))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ranklens.errors import RanklensError
-from ranklens.spectrum.accumulator import CovarianceAccumulator, NormStats
+from ranklens.spectrum.accumulator import CovarianceAccumulator, NormStats, symmetric_gram
 from ranklens.spectrum.stats import singular_values
 
 
@@ -256,3 +256,27 @@ def test_float32_gram_accuracy(offset):
     ref = dense_sv(x.float().double())
     assert max_rel_err(singular_values(fast), ref, rel=1e-2) < 1e-6
     assert effective_rank(singular_values(fast)) == pytest.approx(effective_rank(ref), rel=1e-4)
+
+
+@pytest.mark.parametrize("d, block", [(5, 96), (200, 96), (577, 96), (130, 7)])
+def test_symmetric_gram_matches_dense_product(d, block):
+    y = torch.randn(300, d, dtype=torch.float64)
+    gram = symmetric_gram(y, block=block)
+    torch.testing.assert_close(gram, y.T @ y, rtol=1e-12, atol=1e-10)
+    assert torch.equal(gram, gram.T)  # mirrored, so exactly symmetric
+
+
+def test_non_finite_row_is_reported_with_its_count():
+    x = torch.randn(50, 8)
+    x[3, 2] = float("inf")
+    x[7, 0] = float("nan")
+    with pytest.raises(RanklensError, match="2 row"):
+        CovarianceAccumulator(8).update(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_update_leaves_the_callers_tensor_untouched(dtype):
+    x = torch.randn(40, 6, dtype=dtype) + 3.0
+    before = x.clone()
+    CovarianceAccumulator(6, gram_dtype=dtype).update(x)
+    assert torch.equal(x, before)

@@ -153,21 +153,26 @@ def test_dense_params_equal_torch_adam_exactly():
     ref = torch.optim.Adam([q["b_D"]], lr=1e-2)
     r, s = _leaves(init), _leaves(init)
     adam = make_optimizer("adam", [(t, k != "b_D") for k, t in r.items()], lr=1e-2)
-    full_ref = torch.optim.Adam(list(s.values()), lr=1e-2)
+    full_ref = torch.optim.Adam(list(s.values()), lr=1e-2, fused=True)  # make_optimizer's "adam" is fused
+    u = _leaves(init)
+    unfused = torch.optim.Adam(list(u.values()), lr=1e-2)  # ... and agrees with the default Adam to rounding
     assert isinstance(adam, torch.optim.Adam)
     grads, actives = _grads(7), _actives(7)
     for step in range(7):
         _set_grads(p, grads[step])
         _set_grads(r, grads[step])
         _set_grads(s, grads[step])
+        _set_grads(u, grads[step])
         q["b_D"].grad = grads[step]["b_D"].clone()
         opt.step(actives[step])
         ref.step()
         adam.step(actives[step])  # active_rows accepted and ignored
         full_ref.step()
+        unfused.step()
         assert torch.equal(p["b_D"].detach(), q["b_D"].detach())
         for k in r:
             assert torch.equal(r[k].detach(), s[k].detach())
+            torch.testing.assert_close(r[k].detach(), u[k].detach(), rtol=1e-6, atol=1e-7)
     for key in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(opt.state[p["b_D"]][key], ref.state[q["b_D"]][key])
 

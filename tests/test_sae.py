@@ -142,6 +142,20 @@ def test_bfloat16_input_with_float32_parameters():
     assert x_hat_b.dtype == torch.bfloat16
 
 
+def test_autocast_reaches_the_topk_encoder():
+    """autocast skips topk_encode's addmm(out=); the SAE casts x itself, so under autocast the code equals the one
+    of a bf16 input (and differs from the float32 code, or the test could not tell the paths apart)."""
+    sae = _randomize_(_sae(dtype="float32", n_features=512, d_in=64, k=8), seed=3)
+    x = torch.randn(64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = sae.encode(x)
+    explicit = sae.encode(x.bfloat16())
+    plain = sae.encode(x)
+    assert auto.values.dtype == torch.bfloat16
+    assert torch.equal(auto.values, explicit.values) and torch.equal(auto.indices, explicit.indices)
+    assert not torch.equal(auto.values.float(), plain.values)
+
+
 # --------------------------------------------------------------------------- other activations
 
 

@@ -199,6 +199,15 @@ def _normalize_rows_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _autocast_input(rows: torch.Tensor) -> torch.Tensor:
+    """Honour an enclosing autocast in the TopK encoder: its product is an ``addmm(..., out=)``, which autocast never
+    casts, and it runs in x's dtype, so x is cast here (bf16 on CPU: ~1.45x faster steps, bench/README.md)."""
+    device_type = rows.device.type
+    if torch.is_autocast_enabled(device_type):
+        return rows.to(torch.get_autocast_dtype(device_type))
+    return rows
+
+
 class SparseAutoencoder(nn.Module):
     """A sparse autoencoder over d_in-dimensional activations with n_features features (rows).
 
@@ -301,7 +310,7 @@ class SparseAutoencoder(nn.Module):
             raise RanklensError(f"encode: k={k!r} given for activation={c.activation!r}; k applies to topk/batchtopk")
         kk = c.k if k is None else k
         if c.activation == "topk":
-            values, indices = kernels.topk_encode(rows, self.W_E, self.b_E, kk)  # type: ignore[arg-type]
+            values, indices = kernels.topk_encode(_autocast_input(rows), self.W_E, self.b_E, kk)  # type: ignore[arg-type]
             return Code(c.n_features, values=values, indices=indices)
         pre = self._affine(rows)
         if c.activation == "batchtopk":
