@@ -138,6 +138,14 @@ def _cmd_lorsa_top(args: argparse.Namespace) -> None:
     print(f"top activations and attribution: {run_lorsa_top(args.directory, _config(args, LorsaTopConfig))}")
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from ranklens.reproduce.job import reproduce
+    from ranklens.reproduce.presets import ReproduceConfig
+
+    reproduce(_config(args, ReproduceConfig), args.out, progress=not args.quiet, command=_command_line())
+    print(f"report: {Path(args.out) / 'report.html'}")
+
+
 def _job(sub, name: str, help_text: str, config_cls, func: Callable, *, out: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     _config_flags(p, config_cls)
@@ -151,6 +159,7 @@ def _job(sub, name: str, help_text: str, config_cls, func: Callable, *, out: boo
 def build_parser() -> argparse.ArgumentParser:
     from ranklens.analysis.lorsa_jobs import LorsaTopConfig, ZPatternConfig
     from ranklens.data.collect import CollectConfig
+    from ranklens.reproduce.presets import ReproduceConfig
     from ranklens.spectrum.job import SpectrumConfig
     from ranklens.train.lorsa_job import LorsaEvalConfig, LorsaTrainConfig
     from ranklens.train.sae_job import SAEEvalConfig, SAETrainConfig
@@ -185,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "original heads (Lorsa paper Section 4.1, App. F), as JSON", LorsaTopConfig,
              _cmd_lorsa_top, out=False)
     p.add_argument("directory", help=lorsa_dir)
+    _job(sub, "reproduce", "the experiments of the dimensional-collapse paper as one resumable pipeline (preset "
+                           "quick, standard or paper), with results.json and a report with computed verdicts",
+         ReproduceConfig, _cmd_reproduce)
     return parser
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "kind_label",
     "loss_recovered_curves",
     "ordered_kinds",
+    "save_figure",
     "singular_spectra",
     "wo_decomposition",
 ]
@@ -171,7 +172,8 @@ def _new_figure(size: tuple[float, float] = (7.5, 4.4)) -> tuple[Figure, Any]:
     return fig, ax
 
 
-def _save(fig: Figure, path: PathLike) -> Path:
+def save_figure(fig: Figure, path: PathLike) -> Path:
+    """Write `fig` as a PNG at DPI through a temporary file and a rename; the figure is cleared."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -218,7 +220,7 @@ def erank_by_layer(records: Sequence[Record], path: PathLike, title: str | None 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title or "Fraction of effective rank across layers")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # lines span the width
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- Figure 2 (middle, right)
@@ -260,7 +262,7 @@ def compare_bars(groups: Mapping[str, Sequence[Record]], path: PathLike, title: 
     ax.set_ylim(0, max(1.1, top + 0.08))
     ax.set_title(title or "Fraction of effective rank by setting")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- Figure 3a
@@ -298,7 +300,7 @@ def singular_spectra(records: Sequence[Record], path: PathLike, title: str | Non
     ax.set_ylabel("singular value / largest")
     ax.set_title(title or ("Singular value spectra" + (f", layer {layer}" if layer is not None else "")))
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- Figure 3b
@@ -367,7 +369,7 @@ def loss_recovered_curves(records: Sequence[Record], path: PathLike, title: str 
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
     if bottom < -1.0:
         ax.text(0.01, 0.01, "y axis clipped at -1", transform=ax.transAxes, fontsize=7, color="#555555")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- Figure 4
@@ -404,7 +406,7 @@ def wo_decomposition(record: Record, path: PathLike, title: str | None = None) -
     handles, labs = ax.get_legend_handles_labels()
     order = [labs.index(labels[k]) for k in ("var_O", "contrib_Z", "contrib_WO")]
     ax.legend([handles[i] for i in order], [labs[i] for i in order], fontsize=8, loc="best", framealpha=0.85)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- Figure 11
@@ -447,4 +449,4 @@ def erank_z_vs_o(records: Sequence[Record], path: PathLike, title: str | None = 
     ax.set_ylabel("effective rank")
     ax.set_title(title or r"Effective rank of Z and of the attention output $O = Z W^O$")
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
-    return _save(fig, path)
+    return save_figure(fig, path)

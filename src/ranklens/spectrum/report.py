@@ -24,7 +24,7 @@ from ranklens.report import figures
 from ranklens.report.figures import kind_label
 from ranklens.report.html import Report, format_number, software_versions
 
-__all__ = ["build_spectrum_report"]
+__all__ = ["build_spectrum_report", "decomposition_summary"]
 
 Record = Mapping[str, Any]
 ByLayer = dict[int, dict[str, Record]]
@@ -185,7 +185,7 @@ def _geo_mean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def _decomposition_summary(dec: Mapping[str, Sequence[float]]) -> dict[str, Any] | None:
+def decomposition_summary(dec: Mapping[str, Sequence[float]]) -> dict[str, Any] | None:
     """Geometric means of var_O, contrib_Z, contrib_WO over the head and the tail (first / last 10%) of the
     directions where all three are positive. var_O = contrib_Z * contrib_WO per direction, so the tail/head ratios
     multiply exactly: ratio_O = ratio_Z * ratio_WO, and log(ratio_WO) / log(ratio_O) is W^O's share of the drop."""
@@ -377,7 +377,7 @@ def _section_findings(rep: Report, ctx: _Context) -> None:
         lines.append(ctx.middle_note)
     lines += [_middle_sv_finding(ctx), _middle_loss_finding(ctx), _stability_finding(ctx.records)]
     for r in _decomposition_records(ctx):
-        summary = _decomposition_summary(r["wo_decomposition"])
+        summary = decomposition_summary(r["wo_decomposition"])
         if summary is not None:
             lines.append(_decomposition_finding(r, summary))
     groups = _comparison_groups(ctx)
@@ -470,7 +470,7 @@ def _section_decomposition(rep: Report, ctx: _Context) -> None:
         _add_figure(rep, figures.wo_decomposition, (r,), ctx.fig_dir / f"wo_decomposition_L{r['layer']}.png",
                     f"{r['site']}: variance of O along its principal directions (red) = contribution of Z (purple) "
                     "x contribution of W^O (blue), log scale (cf. paper Figure 4).")
-        s = _decomposition_summary(r["wo_decomposition"])
+        s = decomposition_summary(r["wo_decomposition"])
         if s is not None:
             rows.append([r["site"], s["size"], s["var_O"]["ratio"], s["contrib_Z"]["ratio"], s["contrib_WO"]["ratio"],
                          s["wo_share"]])

@@ -1,0 +1,135 @@
+"""Figures of the SAE and Lorsa experiments (paper Figures 5-9), as pure functions: numbers in, PNG path out.
+
+Like ``ranklens.report.figures`` (which draws the spectrum figures of experiments 1-2), each function builds a
+``matplotlib.figure.Figure`` on the Agg canvas (no pyplot state) and writes it atomically with ``save_figure``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ranklens.report.figures import KIND_COLORS, kind_label, save_figure
+
+METHOD_COLORS = {"TopK": "#7f7f7f", "AuxK": "#1f77b4", "ASI": "#d62728", "ASI + SparseAdam": "#9467bd",
+                 "random subspace": "#ff7f0e", "default": "#7f7f7f"}
+
+
+@dataclass
+class Panel:
+    """One axes: series of (x, mean, std) points per label, optional horizontal reference lines."""
+
+    ylabel: str
+    xlabel: str
+    series: Mapping[str, Sequence[tuple[float, float, float]]]
+    references: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # label -> (mean, std)
+    logx: bool = False
+    logy: bool = False
+
+
+def _figure(n_panels: int) -> tuple[Figure, list]:
+    fig = Figure(figsize=(4.2 * n_panels, 3.7), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
+    for ax in axes:
+        ax.grid(True, alpha=0.3, linewidth=0.6)
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig, axes
+
+
+def metric_panels(panels: Sequence[Panel], path: Path, title: str | None = None) -> Path:
+    """Side-by-side panels of mean +- std against x (Figures 6, 7, 8, 9, 12, 13)."""
+    if not panels or not any(p.series for p in panels):
+        raise ValueError("metric_panels: nothing to draw; expected at least one series")
+    fig, axes = _figure(len(panels))
+    for ax, panel in zip(axes, panels, strict=True):
+        for label, points in panel.series.items():
+            pts = sorted(points)
+            if not pts:
+                continue
+            xs, means, stds = zip(*pts, strict=True)
+            color = METHOD_COLORS.get(label)
+            ax.errorbar(xs, means, yerr=[0 if s != s else s for s in stds], label=label, color=color, marker="o",
+                        markersize=4, capsize=3, linewidth=1.4)
+        for label, (mean, std) in panel.references.items():
+            color = METHOD_COLORS.get(label, "black")
+            ax.axhline(mean, color=color, linestyle="--", linewidth=1.0, label=f"{label}")
+            if std == std and std > 0:
+                ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
+        if panel.logx:
+            ax.set_xscale("log", base=2)
+        if panel.logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.legend(fontsize=7, framealpha=0.85)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def dead_vs_erank(points: Sequence[Mapping], path: Path, title: str | None = None) -> Path:
+    """Figure 5: dead-feature fraction per layer (left) and against the site's effective rank (right).
+    Each point: site, layer, kind, effective_rank, dead_fraction."""
+    if not points:
+        raise ValueError("dead_vs_erank: no points; expected one per sweep site")
+    fig, (left, right) = _figure(2)
+    for kind in sorted({p["kind"] for p in points}):
+        pts = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["layer"])
+        color = KIND_COLORS.get(kind, "black")
+        left.plot([p["layer"] for p in pts], [p["dead_fraction"] for p in pts], marker="o", color=color,
+                  label=kind_label(kind))
+        right.scatter([p["effective_rank"] for p in pts], [p["dead_fraction"] for p in pts], color=color,
+                      label=kind_label(kind))
+    left.set_xlabel("layer")
+    right.set_xlabel("effective rank of the site")
+    for ax in (left, right):
+        ax.set_ylabel("dead-feature fraction")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def grouped_bars(groups: Mapping[str, Mapping[str, tuple[float, float]]], ylabel: str, path: Path,
+                 title: str | None = None) -> Path:
+    """Bars of mean +- std: groups (x positions) of series (bars), e.g. metrics of Lorsa inits (Figure 9)."""
+    if not groups:
+        raise ValueError("grouped_bars: no groups")
+    fig, (ax,) = _figure(1)
+    names = list(dict.fromkeys(s for g in groups.values() for s in g))
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
+        vals = [g.get(name, (float("nan"), 0.0)) for g in groups.values()]
+        ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], capsize=3, label=name,
+               color=METHOD_COLORS.get(name))
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str], path: Path,
+            title: str | None = None) -> Path:
+    """A z-pattern: rows = heads (or query positions), columns = source tokens."""
+    if not matrix or not matrix[0]:
+        raise ValueError("heatmap: empty matrix")
+    fig = Figure(figsize=(min(14, 1.5 + 0.35 * len(col_labels)), 1.2 + 0.3 * len(row_labels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, aspect="auto", cmap="RdBu_r",
+                      vmin=-max(abs(v) for row in matrix for v in row) or -1,
+                      vmax=max(abs(v) for row in matrix for v in row) or 1)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=90, fontsize=7)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)

@@ -1,0 +1,68 @@
+"""`ranklens reproduce --model M --preset {quick,standard,paper} --out DIR`: the paper's experiments as one pipeline.
+
+Steps, each cached in DIR (``pipeline``): the spectrum of every layer (experiment 1) and the W_O analysis read from it
+(2); the SAE activation store (collected once, shared by every SAE); the dead-feature sweep over layers (3); ASI
+against TopK and AuxK (4); the controls (5); scaling with SparseAdam (6); the dead-subspace analysis (7); Lorsa with
+the default init against ASI (8). Then
+DIR/results.json and DIR/report.html with the verdicts (``report``).
+
+Where things go: DIR/config.yaml (the resolved config), DIR/steps/*.json (one record per finished step),
+DIR/spectrum/ (the spectrum job), DIR/stores/sae/ (the activation store; only needed while SAE steps run, so it may
+be deleted once the run is finished), DIR/sae/<run>/ (one `ranklens train sae` run directory per cell),
+DIR/lorsa/<run>/ (one `ranklens train lorsa` run directory per cell),
+DIR/figures/, DIR/results.json, DIR/report.html.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ranklens.reproduce import report
+from ranklens.reproduce.context import Context
+from ranklens.reproduce.experiments import (
+    asi,
+    controls,
+    dead_subspace,
+    dead_vs_rank,
+    lorsa,
+    low_rank,
+    scaling,
+    wo,
+)
+from ranklens.reproduce.pipeline import Step, run_steps
+from ranklens.reproduce.plan import ModelShape, Plan
+from ranklens.reproduce.presets import ReproduceConfig
+from ranklens.rundir import prepare_run_dir
+
+EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa]
+
+
+def activations_step(plan: Plan) -> Step:
+    """The activation store every SAE trains from (`ranklens collect`): the sweep's sites and the middle layer's."""
+    cfg = plan.collect_config()
+
+    def run(ctx) -> dict[str, Any]:
+        store = ctx.store()
+        return {"store": str(plan.store_dir.relative_to(plan.out)), "n_tokens": store.n_tokens,
+                "docs_consumed": store.docs_consumed, "sites": ", ".join(store.sites)}
+
+    return Step("activations", "SAE activation store", run, {"collect": cfg.model_dump(mode="json")},
+                [plan.collect_command()])
+
+
+def steps(plan: Plan) -> list[Step]:
+    first, rest = EXPERIMENTS[:2], EXPERIMENTS[2:]
+    return [m.step(plan) for m in first] + [activations_step(plan)] + [m.step(plan) for m in rest]
+
+
+def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True, command: str | None = None,
+              ) -> dict[str, Any]:
+    """Run (or resume, or reuse) every step in `out`, then write results.json and report.html; returns the
+    results."""
+    out = prepare_run_dir(out, cfg, "reproduce")
+    plan = Plan(cfg, out, ModelShape.of(cfg.model))
+    records = run_steps(out, steps(plan), Context(plan, progress), progress)
+    info = {"n_layers": plan.shape.n_layers, "d_model": plan.shape.d_model, "middle_layer": plan.mid,
+            "sweep_layers": plan.sweep_layers, "main_site": plan.main_site, "resid_site": plan.resid_site}
+    return report.build(out, cfg, info, EXPERIMENTS, records, command)

@@ -1,0 +1,138 @@
+"""What a reproduce run will do, derived from its config and the model's shape (read from its config file, no
+weights): the middle layer, the sampled layers, the sites, the store, and the SAE cells of each experiment.
+
+A *cell* is one SAE training run (one method, size, k and seed at one site); its run directory name is derived from
+its settings, so experiments that need the same cell (the TopK baseline of the k sweep is also the d_init = d point
+of the d_init sweep, the control of the random subspace, and half of the dead-subspace analysis) share one run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ranklens.data.collect import CollectConfig
+from ranklens.reproduce.commands import cli_command
+from ranklens.reproduce.presets import ReproduceConfig
+from ranklens.train.sae_job import SAETrainConfig
+
+STORE_DIR = "stores/sae"
+SAE_DIR = "sae"
+SWEEP_KINDS = ("attn_out", "mlp_out", "resid_post")  # Figure 5: attention output, MLP output, residual stream
+SHUFFLE_BUFFER_TOKENS = 262_144
+
+# The methods of Figures 7 and 8: (init, optimizer, AuxK?)
+METHODS = {
+    "TopK": ("standard", "adam", False),
+    "AuxK": ("standard", "adam", True),
+    "ASI": ("asi", "adam", False),
+    "ASI + SparseAdam": ("asi", "sparseadam", False),
+    "random subspace": ("random-subspace", "adam", False),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    d_model: int
+    n_heads: int
+
+    @classmethod
+    def of(cls, model: str) -> ModelShape:
+        from transformers import AutoConfig
+
+        from ranklens.lm.load import model_source
+
+        config = AutoConfig.from_pretrained(model_source(model))
+        return cls(int(config.num_hidden_layers), int(config.hidden_size), int(config.num_attention_heads))
+
+
+def sampled_layers(n_layers: int, count: int | str) -> list[int]:
+    """`count` evenly spaced layers from the first to the last, always with the middle one (n_layers // 2)."""
+    if count == "all" or int(count) >= n_layers:
+        return list(range(n_layers))
+    count = max(1, int(count))
+    spaced = {round(i * (n_layers - 1) / (count - 1)) for i in range(count)} if count > 1 else set()
+    return sorted(spaced | {n_layers // 2})
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One SAE run: `method` (a key of METHODS) at `site`, with `expansion` x d features, `k`, `d_init` (ASI and
+    random subspace only), `seed` and `tokens`."""
+
+    site: str
+    method: str
+    expansion: int
+    k: int
+    seed: int
+    tokens: int
+    d_init: int | str | None = None
+
+    @property
+    def name(self) -> str:
+        init, optimizer, auxk = METHODS[self.method]
+        parts = [self.site, init + ("" if self.d_init is None else f"{self.d_init}"), optimizer]
+        if auxk:
+            parts.append("auxk")
+        parts += [f"x{self.expansion}", f"k{self.k}", f"t{self.tokens}", f"s{self.seed}"]
+        return "-".join(parts)
+
+
+class Plan:
+    """The run's derived settings. `cfg` is the resolved ReproduceConfig, `out` the run directory."""
+
+    def __init__(self, cfg: ReproduceConfig, out: Path, shape: ModelShape) -> None:
+        self.cfg, self.out, self.shape = cfg, Path(out), shape
+        self.mid = shape.n_layers // 2
+        self.sweep_layers = sampled_layers(shape.n_layers, cfg.sweep_layers)
+        self.main_site = f"L{self.mid}.attn_out"  # App. E.1: the middle layer's attention output
+        self.resid_site = f"L{self.mid}.resid_post"  # App. J.2
+        self.sweep_sites = [f"L{layer}.{kind}" for layer in self.sweep_layers for kind in SWEEP_KINDS]
+        self.store_dir = self.out / STORE_DIR
+
+    @property
+    def store_sites(self) -> list[str]:
+        """The sweep's sites and the middle layer's attention output, residual stream and attention input (Lorsa's
+        input, beside its target attn_out)."""
+        return sorted(set(self.sweep_sites) | {self.main_site, self.resid_site, f"L{self.mid}.attn_in"},
+                      key=lambda s: (int(s[1:].split(".")[0]), s))
+
+    def collect_config(self) -> CollectConfig:
+        c = self.cfg
+        return CollectConfig(model=c.model, sites=",".join(self.store_sites), corpus=c.corpus,
+                             tokens=c.store_tokens, context_length=c.context_length, seed=c.seed, dtype=c.dtype,
+                             device=c.device)
+
+    def cell(self, method: str, *, site: str | None = None, expansion: int | None = None, k: int | None = None,
+             seed: int | None = None, tokens: int | None = None, d_init: int | str | None = None) -> Cell:
+        c = self.cfg
+        init = METHODS[method][0]
+        return Cell(site=site or self.main_site, method=method, expansion=expansion or c.expansion, k=k or c.k,
+                    seed=c.seed if seed is None else seed, tokens=tokens or c.sae_tokens,
+                    d_init=None if init == "standard" else (c.d_init if d_init is None else d_init))
+
+    def cells(self, method: str, **kwargs) -> list[Cell]:
+        """The cell of `method` once per seed."""
+        return [self.cell(method, seed=s, **kwargs) for s in self.cfg.seed_list()]
+
+    def sae_config(self, cell: Cell) -> SAETrainConfig:
+        c = self.cfg
+        init, optimizer, auxk = METHODS[cell.method]
+        return SAETrainConfig(
+            model=c.model, site=cell.site, corpus=c.corpus, store=str(self.store_dir), tokens=cell.tokens,
+            batch_size=c.batch_size, expansion=cell.expansion, k=cell.k, init=init,
+            d_init=cell.d_init if cell.d_init is not None else "auto", init_tokens=c.init_tokens,
+            optimizer=optimizer, lr=c.lr, warmup_steps=c.warmup_steps, aux_k=c.aux_k if auxk else 0,
+            shuffle_buffer_tokens=max(2 * c.batch_size, min(SHUFFLE_BUFFER_TOKENS, c.store_tokens)),
+            eval_tokens=c.eval_tokens, lm_eval_tokens=c.lm_eval_tokens, seed=cell.seed,
+            context_length=c.context_length, dtype=c.dtype, device=c.device)
+
+    def sae_dir(self, cell: Cell) -> Path:
+        return self.out / SAE_DIR / cell.name
+
+    def sae_command(self, cell: Cell) -> str:
+        return cli_command("train sae", self.sae_config(cell), self.sae_dir(cell))
+
+    def collect_command(self) -> str:
+        return cli_command("collect", self.collect_config(), self.store_dir)

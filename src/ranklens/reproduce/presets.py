@@ -1,0 +1,172 @@
+"""The configuration of `ranklens reproduce` and its three presets.
+
+``ReproduceConfig`` is one flat, typed config (unknown keys are an error), so every field is also a CLI flag and a
+YAML key. A preset is a named set of field values: ``quick`` is the class defaults, ``standard`` and ``paper`` override
+some of them. Values are resolved in this order: the preset, then the YAML file, then the flags
+(``ReproduceConfig.load``).
+
+- ``quick`` (what ``make demo`` runs): every experiment at reduced scale, within 20 minutes on a 2-core CPU; 3 seeds
+  per cell; dictionaries of 4x the model width, 49k training tokens, sampled layers.
+- ``standard`` (the README's results table; hours on a CPU): 5 seeds per cell, 8x dictionaries, 1M training
+  tokens, every third layer for the dead-feature sweep.
+- ``paper`` (a GPU machine): the paper's sizes (App. E.1: 8x dictionaries, k = 50, batch 4,096, 800M tokens, lr 4e-5;
+  App. H: 15 seeds; Section 4.2: 10M tokens per spectrum; every layer; App. O.1: Lorsa with 8x d heads in 8 QK groups
+  per MHSA head, batches of 32,768 tokens).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import field_validator
+
+from ranklens.config import Config
+from ranklens.errors import RanklensError
+
+Preset = Literal["quick", "standard", "paper"]
+
+
+class ReproduceConfig(Config):
+    preset: Preset = "quick"
+    model: str = "smollm2-135m"
+    corpus: str = "default"
+    compare_corpora: list[str] = ["prose", "code", "zh"]  # Figure 2 right: the middle layer on each corpus
+    compare_models: list[str] = ["minilm-l6"]  # Figure 2 middle: the middle layer of other models
+    context_length: int = 1024  # App. E.2
+    dtype: str = "auto"
+    device: str = "cpu"
+    seed: int = 0  # seeds of a cell: seed, seed + 1, ...
+    seeds: int = 3  # runs per cell of the seeded experiments (App. H uses 15)
+    alpha: float = 0.05  # significance level of every verdict
+    # Experiments 1-2 (Section 4, App. B-D): one spectrum job over every layer.
+    spectrum_tokens: int = 20_000
+    splits: int = 4  # App. C: disjoint splits at the middle layer
+    loss_tokens: int = 1024  # App. B: held-out tokens per loss evaluation
+    loss_points: int = 6
+    compare_tokens: int = 6_000
+    # SAE training (App. E.1), shared by experiments 3-7; one activation store feeds them all.
+    store_tokens: int = 24_576  # activations collected once; training cycles over them
+    sae_tokens: int = 49_152  # training tokens per SAE
+    batch_size: int = 1024
+    lr: float = 4e-4
+    warmup_steps: int = 8
+    expansion: int = 4  # features = expansion * d
+    k: int = 32
+    d_init: int | Literal["auto"] = "auto"  # the main ASI subspace dimension (App. E.1 uses 768 of 4096)
+    aux_k: int = 512  # the AuxK baseline (App. E.1)
+    init_tokens: int = 24_576  # tokens behind the ASI basis
+    eval_tokens: int = 4096
+    lm_eval_tokens: int = 1024
+    # Experiment 3 (Figure 5, App. F): one standard-init TopK SAE per site of the sampled layers.
+    sweep_layers: int | Literal["all"] = 4  # evenly spaced layers (always with the middle one), or all
+    # Experiment 4 (Figures 6, 7; Tables 4, 5; App. H).
+    d_init_values: list[int] = [16, 64, 256]
+    k_values: list[int] = [16, 32]
+    # Experiment 6 (Figure 8): dictionary sizes (multiples of d), one seed each.
+    scaling_expansions: list[int] = [2, 4, 8, 16, 32]
+    scaling_tokens: int = 24_576
+    # Experiment 8 (Section 5.4, Figure 9, App. O): Lorsa at the middle layer, default init against ASI.
+    lorsa_expansion: int = 1  # heads = lorsa_expansion * d (App. O.1: 8)
+    lorsa_qk_groups_per_head: int = 1  # QK groups per MHSA head (App. O.1: 8; Lorsa App. B: at least 1)
+    lorsa_k: int = 16
+    lorsa_tokens: int = 8192
+    lorsa_batch_tokens: int = 2048
+    lorsa_lr: float = 2e-4  # App. O.1
+    lorsa_warmup_steps: int = 1
+    zpattern_text: str = ("When Mary and John went to the store, John gave a drink to Mary. The store was closed, so "
+                          "they walked home.")
+
+    @field_validator("compare_corpora", "compare_models", "d_init_values", "k_values", "scaling_expansions",
+                     mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """Lists come from YAML as lists and from the command line as comma-separated strings."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("d_init", "sweep_layers", mode="before")
+    @classmethod
+    def _int_or_word(cls, value: Any) -> Any:
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> ReproduceConfig:
+        """The preset's values, then the YAML file's, then the non-None overrides (the CLI's flags)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise RanklensError(f"config file {str(path)!r} does not exist")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise RanklensError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+            values.update(loaded)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        preset = values.get("preset", "quick")
+        if preset not in PRESETS:
+            raise RanklensError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        return cls.build({**PRESETS[preset], **values}, source=str(path) if path else "arguments")
+
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {},
+    "standard": {
+        "seeds": 5,
+        "spectrum_tokens": 200_000,
+        "loss_tokens": 4096,
+        "loss_points": 10,
+        "compare_tokens": 50_000,
+        "store_tokens": 500_000,
+        "sae_tokens": 1_000_000,
+        "batch_size": 4096,
+        "warmup_steps": 50,
+        "expansion": 8,
+        "k": 50,
+        "init_tokens": 100_000,
+        "eval_tokens": 50_000,
+        "lm_eval_tokens": 8192,
+        "sweep_layers": 10,
+        "d_init_values": [16, 32, 64, 128, 256, 512],
+        "k_values": [30, 40, 50, 60, 70],
+        "scaling_tokens": 500_000,
+        "lorsa_expansion": 2,
+        "lorsa_k": 32,
+        "lorsa_tokens": 200_000,
+        "lorsa_batch_tokens": 8192,
+        "lorsa_warmup_steps": 5,
+    },
+    "paper": {
+        "seeds": 15,
+        "spectrum_tokens": 10_000_000,
+        "loss_tokens": 65_536,
+        "loss_points": 12,
+        "compare_tokens": 1_000_000,
+        "store_tokens": 10_000_000,
+        "sae_tokens": 800_000_000,
+        "batch_size": 4096,
+        "lr": 4e-5,
+        "warmup_steps": 500,
+        "expansion": 8,
+        "k": 50,
+        "init_tokens": 1_000_000,
+        "eval_tokens": 1_000_000,
+        "lm_eval_tokens": 1_000_000,
+        "sweep_layers": "all",
+        "d_init_values": [64, 128, 256, 512, 1024, 2048],
+        "k_values": [40, 50, 60, 70, 80],
+        "scaling_expansions": [4, 8, 16, 32, 64, 128, 256],
+        "scaling_tokens": 800_000_000,
+        "lorsa_expansion": 8,
+        "lorsa_qk_groups_per_head": 8,
+        "lorsa_k": 64,
+        "lorsa_tokens": 800_000_000,
+        "lorsa_batch_tokens": 32_768,
+        "lorsa_warmup_steps": 500,
+    },
+}
