@@ -368,3 +368,29 @@ def test_encode_with_pre_matches_encode_and_z_pre():
     assert torch.equal(values, v2) and torch.equal(indices, i2)
     torch.testing.assert_close(pre, lorsa.z_pre(x, mask), rtol=0, atol=0)
     assert pre.requires_grad
+
+
+# ---- the site Lorsa reads -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "bert"])
+def test_attn_in_is_exactly_what_the_attention_module_reads(name):
+    """`attn_in` (after the norm; BERT: the block input) is the hidden_states the attention module is called with."""
+    model = _model(name, torch.float32)
+    ids, mask = tiny_batch(model)
+    arch_layers = {"llama": lambda m: m.model.layers[1].self_attn, "qwen3": lambda m: m.model.layers[1].self_attn,
+                   "gemma2": lambda m: m.model.layers[1].self_attn, "gpt2": lambda m: m.transformer.h[1].attn,
+                   "gpt_neox": lambda m: m.gpt_neox.layers[1].attention,
+                   "bert": lambda m: m.encoder.layer[1].attention}
+    seen = {}
+
+    def pre_hook(module, args, kwargs):
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    handle = arch_layers[name](model).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    assert torch.equal(capture(model, "L1.attn_in", ids, mask)["L1.attn_in"], seen["x"])
