@@ -59,7 +59,8 @@ def _grads(loss, p):
     return {k: (None if v.grad is None else v.grad.clone()) for k, v in p.items()}
 
 
-@pytest.mark.parametrize("k_aux", [1, 3, 15, 512])  # 15 = every dead feature; 512 > n_dead is capped
+# 15 = every dead feature; 512 > n_dead is capped; k_aux 1 takes the sparse decoder, 3 and up the dense one
+@pytest.mark.parametrize("k_aux", [1, 3, 15, 512])
 def test_value_and_gradients_match_naive_reference(k_aux):
     p, x, dead = _sae()
     pre, x_hat = _forward(p, x)
