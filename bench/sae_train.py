@@ -26,7 +26,8 @@ What is compared (one process, all libraries built from the SAME initial weights
     ``SparseCoder.forward`` (fused encoder whose backward uses embedding_bag + index_add_, embedding_bag decoder; the
     Triton decoder is absent on CPU), did_fire update, fvu.backward(), Adam.step, zero_grad.
 - bf16: each library's own mixed-precision mechanism, fp32 master weights and fp32 Adam in all three:
-  * ranklens: ``SAEObjective(autocast_dtype=torch.bfloat16)`` = torch.autocast("cpu", bf16) around encode + decode.
+  * ranklens: ``SAEObjective(autocast_dtype=torch.bfloat16)`` = torch.autocast("cpu", bf16) around encode + decode;
+    the TopK encoder casts its input to the autocast dtype itself (its product is an out= op autocast skips).
   * sae-lens: ``LanguageModelSAERunnerConfig(autocast=True)`` = torch.autocast(device, bf16) around
     training_forward_pass and the firing bookkeeping (SAETrainer.__init__).
   * sparsify: its forward is decorated with torch.autocast("cuda", bf16), a no-op on CPU; we apply the same
@@ -162,7 +163,6 @@ class RanklensRunner(Runner):
         optimizer: str = "adam",
         aux_k: int = 0,
         dead_mask: torch.Tensor | None = None,
-        bf16_input: bool = False,
     ) -> None:
         from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
         from ranklens.train.sae_objective import SAEObjective
@@ -179,13 +179,6 @@ class RanklensRunner(Runner):
             self.sae.W_D.copy_(init["W_D"])
             self.sae.b_D.copy_(init["b_D"])
         autocast = None if dtype == torch.float32 else dtype
-        if bf16_input:
-            # What-if (not ranklens' shipping path): no autocast, the encoder gets x in bf16, so topk_encode's own
-            # rule "the encoder product runs in x's dtype" makes the matmul and top-k bf16; loss and decoder fp32.
-            self.name = "ranklens-bf16-input"
-            autocast = None
-            encode = self.sae.encode
-            self.sae.encode = lambda x, *, k=None: encode(x.to(torch.bfloat16), k=k)  # type: ignore[method-assign]
         self.objective = SAEObjective(self.sae, aux_k=aux_k, aux_coefficient=1 / 32, autocast_dtype=autocast)
         self._tmp = tempfile.TemporaryDirectory(prefix="sae_train_bench_")
         settings = TrainSettings(
@@ -202,8 +195,7 @@ class RanklensRunner(Runner):
         if dead_mask is not None:  # AuxK timing: a fixed set of "dead" features, the same for every library
             self.trainer.tracker.dead_mask = lambda window: dead_mask  # type: ignore[method-assign]
         self.timed_step = (
-            ("what-if: encoder input cast to bf16, no autocast; " if bf16_input else "")
-            + f"Trainer._one_step: zero_grad(set_to_none=False), SAEObjective.step_loss "
+            f"Trainer._one_step: zero_grad(set_to_none=False), SAEObjective.step_loss "
             f"(autocast={autocast}), backward, {optimizer}.step(active_rows), FiringTracker.update"
         )
 
@@ -422,16 +414,6 @@ def build(
             aux_k=args.d_in // 2 if dead_mask is not None else 0,
             dead_mask=dead_mask,
         )
-    if lib == "ranklens-bf16-input":
-        return RanklensRunner(
-            init,
-            args.k,
-            args.lr,
-            dtype,
-            bf16_input=True,
-            aux_k=args.d_in // 2 if dead_mask is not None else 0,
-            dead_mask=dead_mask,
-        )
     if lib == "sae-lens":
         return SaeLensRunner(init, args.k, args.lr, dtype, aux=dead_mask is not None, dead_mask=dead_mask)
     if lib == "sparsify":
@@ -467,7 +449,7 @@ def run_config(
     if auxk:
         g = torch.Generator().manual_seed(args.seed + 1)
         dead_mask = torch.rand(n, generator=g) < args.auxk_dead_fraction
-    libs = [lib for lib in args.libs if not (lib == "ranklens-bf16-input" and dtype == torch.float32)]
+    libs = list(args.libs)
     runners = [build(lib, init, args, dtype, dead_mask) for lib in libs]
     init_norm = float(init["norm"])
     del init
@@ -618,8 +600,6 @@ def profile_ranklens(args: argparse.Namespace, batches: Batches, x_sample: torch
         for dtype in args.dtypes:
             init = make_init(x_sample, batches(0), n, args.k, args.seed)
             for lib in args.libs:
-                if lib == "ranklens-bf16-input" and dtype == torch.float32:
-                    continue
                 r = build(lib, init, args, dtype, None)
                 step = r.step_phased if isinstance(r, RanklensRunner) else r.step
                 for i in range(args.warmup):
@@ -690,7 +670,7 @@ def markdown(results: dict) -> str:
         )
         libs = [
             lib
-            for lib in ("ranklens", "sae-lens", "sparsify", "ranklens+sparseadam", "ranklens-bf16-input")
+            for lib in ("ranklens", "sae-lens", "sparsify", "ranklens+sparseadam")
             if any(lib in c["libs"] for c in run["configs"])
         ]
         head = (
@@ -753,7 +733,7 @@ def main() -> None:
         "--libs",
         nargs="+",
         default=["ranklens", "sae-lens", "sparsify"],
-        choices=["ranklens", "sae-lens", "sparsify", "ranklens+sparseadam", "ranklens-bf16-input"],
+        choices=["ranklens", "sae-lens", "sparsify", "ranklens+sparseadam"],
     )
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--batch", type=int, default=4096)
