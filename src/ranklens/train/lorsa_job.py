@@ -196,8 +196,8 @@ def train_lorsa(cfg: LorsaTrainConfig, out: str | Path, progress: bool = True, l
     trainer.train(source)
     train_dead = int(trainer.tracker.n_dead(window))
     lorsa.normalize_output_()  # footnote 3: unit w_o, same predictions
-    save_lorsa(lorsa, out / LORSA_DIR, model=cfg.model, layer=layer, context_length=cfg.context_length,
-               corpus=cfg.corpus, ranklens_config=cfg.model_dump(mode="json"), **init_info)
+    save_lorsa(lorsa, out / LORSA_DIR, model=cfg.model, layer=layer, context_length=held_out.context_length,
+               corpus=held_out.corpus, ranklens_config=cfg.model_dump(mode="json"), **init_info)
     result = {"n_heads": lorsa.n_heads, "n_qk_groups": lorsa.cfg.n_qk_groups, "d_qk": lorsa.cfg.d_qk, "k": cfg.k,
               "layer": layer, **init_info, "tokens": int(trainer.tracker.tokens_seen), "steps": source.total_steps,
               "optimizer": cfg.optimizer, "aux_k": cfg.aux_k, "train_dead_heads": train_dead,
