@@ -4,7 +4,8 @@ A ``HeldOutSet`` holds the text after a training store (``HeldOutSource``: corpu
 length) and what every evaluation on it shares: the activations of its sites over ``eval_tokens`` ordinary tokens
 (one early-stopped forward pass for all sites), the token batches of the spliced LM loss, and the clean and
 zero-ablated cross-entropies per site. Evaluating a dictionary then costs its own forward over the cached
-activations and one spliced pass of the model. ``ranklens train sae`` builds one per run; ``ranklens reproduce``
+activations and one spliced pass of the layers from its site on (the input of the site's layer is captured once).
+``ranklens train sae`` builds one per run; ``ranklens reproduce``
 builds one per store and evaluates dozens of SAEs on it, with the same numbers each run would give alone.
 
 Metrics (DESIGN.md): FVU (``nmse``), ``nmse_uncentered``, explained variance, L0 and dead features over the evaluation
@@ -25,7 +26,7 @@ from ranklens.data.corpus import iter_documents
 from ranklens.data.tokenize import first_tokens, token_batches
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.errors import RanklensError
-from ranklens.eval.lm_loss import cross_entropies, spliced_metrics, zero_ablation
+from ranklens.eval.lm_loss import cross_entropies, layer_inputs, spliced_metrics, zero_ablation
 from ranklens.eval.metrics import ReconstructionMetrics
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel
@@ -74,6 +75,7 @@ class HeldOutSet:
                 self._rows[name].append(acts[name][batch.stat_mask.to(lm.device)][: eval_tokens - seen])
             seen += self._rows[self.sites[0]][-1].shape[0]
         self.lm_batches = first_tokens(iter(batches), lm_eval_tokens) if self.arch.causal else []
+        self._prefixes: dict[int, list[torch.Tensor | None]] = {}  # per layer: its input for every LM batch
         self._baselines: dict[str, dict[str, float]] = {}
 
     def activations(self, site: str) -> list[torch.Tensor]:
@@ -82,10 +84,16 @@ class HeldOutSet:
             raise RanklensError(f"held-out set holds sites {list(self.sites)}, not {site!r}")
         return self._rows[site]
 
+    def _cross_entropies(self, site: str, replacements: dict) -> dict[str, float]:
+        parsed = Site.parse(site)
+        if parsed.layer not in self._prefixes:
+            self._prefixes[parsed.layer] = layer_inputs(self.lm.model, self.arch, self.lm_batches, parsed)
+        return cross_entropies(self.lm.model, self.arch, self.lm_batches, parsed, replacements,
+                               prefixes=self._prefixes[parsed.layer])
+
     def _baseline(self, site: str) -> dict[str, float]:
         if site not in self._baselines:
-            self._baselines[site] = cross_entropies(self.lm.model, self.arch, self.lm_batches, Site.parse(site),
-                                                    {"clean": None, "zero": zero_ablation})
+            self._baselines[site] = self._cross_entropies(site, {"clean": None, "zero": zero_ablation})
         return self._baselines[site]
 
     @torch.no_grad()
@@ -109,8 +117,7 @@ class HeldOutSet:
             return sae(x.to(sae.W_D.dtype))[0]
 
         base = self._baseline(site)
-        spliced = cross_entropies(self.lm.model, self.arch, self.lm_batches, Site.parse(site),
-                                  {"spliced": reconstruct})["spliced"]
+        spliced = self._cross_entropies(site, {"spliced": reconstruct})["spliced"]
         result.update(spliced_metrics(base["clean"], spliced, base["zero"]),
                       lm_eval_tokens=sum(b.n_tokens for b in self.lm_batches))
         return result

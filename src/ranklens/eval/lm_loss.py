@@ -14,7 +14,7 @@ tensor for a whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -65,22 +65,34 @@ def _splice(arch: Architecture, site: Site, fn: RowMap | SequenceSplice | None, 
     return replace_site(arch, site, fn, batch.stat_mask)
 
 
+def layer_inputs(model: torch.nn.Module, arch: Architecture, batches: Sequence[TokenBatch], site: Site | None,
+                 ) -> list[torch.Tensor | None]:
+    """The input of `site`'s layer per batch, for `cross_entropies(prefixes=...)`: captured once, it serves any
+    number of replacements at that layer. None per batch where the whole model runs (layer 0, no site, encoders)."""
+    start = site.layer if site is not None and arch.causal else 0
+    if start == 0:
+        return [None] * len(batches)
+    device = next(model.parameters()).device
+    capture = Capturer(model, [Site(start, "resid_pre")])
+    return [capture(b.input_ids.to(device), b.attention_mask.to(device))[f"L{start}.resid_pre"] for b in batches]
+
+
 def cross_entropies(model: torch.nn.Module, arch: Architecture, batches: Iterable[TokenBatch], site: Site | None,
-                    replacements: Mapping[str, RowMap | SequenceSplice | None]) -> dict[str, float]:
+                    replacements: Mapping[str, RowMap | SequenceSplice | None],
+                    prefixes: Sequence[torch.Tensor | None] | None = None) -> dict[str, float]:
     """Mean CE for each named replacement of `site` (None = the clean model), over the same batches. A replacement
     is a RowMap of the site's own rows or a `SequenceSplice` (computed from another site of the same forward).
 
-    With a site at layer L > 0, the input of layer L is captured once per batch and every replacement runs only
-    layers L.. (`skip_prefix`), which halves the cost of a curve at the middle layer.
+    With a site at layer L > 0, the input of layer L is captured once per batch (`layer_inputs`, or `prefixes` from
+    an earlier call on the same batches) and every replacement runs only layers L.. (`skip_prefix`), which halves
+    the cost of a curve at the middle layer.
     """
     device = next(model.parameters()).device
     batches = [TokenBatch(b.input_ids.to(device), b.attention_mask.to(device), b.stat_mask.to(device), b.lengths,
                           b.n_docs) for b in batches]
     start = site.layer if site is not None and arch.causal else 0
-    prefixes: list[torch.Tensor | None] = [None] * len(batches)
-    if start > 0:
-        capture = Capturer(model, [Site(start, "resid_pre")])
-        prefixes = [capture(b.input_ids, b.attention_mask)[f"L{start}.resid_pre"] for b in batches]
+    if prefixes is None:
+        prefixes = layer_inputs(model, arch, batches, site)
     result: dict[str, float] = {}
     with torch.inference_mode():
         for name, fn in replacements.items():

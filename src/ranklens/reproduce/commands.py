@@ -1,7 +1,8 @@
 """The CLI command equivalent to a job config: `ranklens <subcommand> --flag value ... --out DIR`.
 
-Flags are emitted for the fields whose value differs from the config class's default, in field order, so a command
-rebuilds exactly the config it came from (``Config.load`` fills in the rest).
+Flags are emitted for the fields whose value differs from `base` (the config the command line starts from: the class
+defaults, or for `reproduce` the preset's values), in field order, so a command rebuilds exactly the config it came
+from.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ def _value(value: object) -> str:
     return str(value)
 
 
-def cli_command(subcommand: str, cfg: Config, out: str | Path | None = None, *positional: str) -> str:
+def cli_command(subcommand: str, cfg: Config, out: str | Path | None = None, *positional: str,
+                base: Config | None = None) -> str:
+    base = base if base is not None else type(cfg)()
     parts = ["ranklens", *subcommand.split(), *positional]
-    for name, field in type(cfg).model_fields.items():
+    for name in type(cfg).model_fields:
         value = getattr(cfg, name)
-        if value == field.default:
+        if value == getattr(base, name) and name != "preset":
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

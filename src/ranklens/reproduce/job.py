@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ranklens.reproduce import report
+from ranklens.reproduce.commands import cli_command
 from ranklens.reproduce.context import Context
 from ranklens.reproduce.experiments import (
     asi,
@@ -60,6 +61,7 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True, comm
               ) -> dict[str, Any]:
     """Run (or resume, or reuse) every step in `out`, then write results.json and report.html; returns the
     results."""
+    command = command or cli_command("reproduce", cfg, out, base=ReproduceConfig.load(preset=cfg.preset))
     out = prepare_run_dir(out, cfg, "reproduce")
     plan = Plan(cfg, out, ModelShape.of(cfg.model))
     records = run_steps(out, steps(plan), Context(plan, progress), progress)

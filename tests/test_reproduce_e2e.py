@@ -1,0 +1,112 @@
+"""`ranklens reproduce` end to end on a tiny Llama with a micro preset: every experiment, results.json, the report
+with every verdict and its statistic, reuse of a finished run, and continuation of a killed one."""
+
+import html
+import json
+
+import pytest
+import yaml
+
+from ranklens.cli import main
+from ranklens.reproduce import context as context_module
+from ranklens.reproduce import job
+from ranklens.reproduce.context import Context
+from ranklens.reproduce.job import EXPERIMENTS
+from ranklens.reproduce.pipeline import run_steps
+from ranklens.reproduce.plan import ModelShape, Plan
+from ranklens.reproduce.presets import ReproduceConfig
+
+STEPS = ["low_rank", "wo", "activations", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa"]
+
+
+@pytest.fixture(scope="module")
+def micro(tiny_dir, tmp_path_factory):
+    """A config file with the micro preset: every experiment at a few thousand tokens on the tiny model."""
+    values = dict(model=str(tiny_dir / "model"), corpus=str(tiny_dir / "corpus"), compare_corpora=[],
+                  compare_models=[], context_length=64, dtype="float32", seeds=2, spectrum_tokens=1500, splits=2,
+                  loss_tokens=300, loss_points=4, compare_tokens=500, store_tokens=2048, sae_tokens=2048,
+                  batch_size=256, warmup_steps=2, expansion=2, k=4, d_init=8, init_tokens=2048, eval_tokens=500,
+                  lm_eval_tokens=300, sweep_layers=1, d_init_values=[4], k_values=[4],
+                  scaling_expansions=[2, 4], scaling_tokens=1024, lorsa_tokens=1024, lorsa_batch_tokens=256,
+                  lorsa_k=4)
+    path = tmp_path_factory.mktemp("micro") / "micro.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _run(micro, out) -> int:
+    return main(["reproduce", "--config", str(micro), "--out", str(out), "--quiet"])
+
+
+def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert _run(micro, out) == 0
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["steps"]) == STEPS
+    assert results["config"]["seeds"] == 2 and results["software"]["ranklens"] and results["software"]["git_commit"]
+    report = (out / "report.html").read_text()
+    assert "<img src=\"data:image/png;base64," in report and "src=\"http" not in report
+    n_verdicts = 0
+    for module in EXPERIMENTS:
+        step = results["steps"][module.NAME]
+        assert step["wall_seconds"] > 0 and step["config"]
+        assert step["verdicts"], module.NAME
+        for v in step["verdicts"]:
+            n_verdicts += 1
+            assert v["verdict"] in ("holds", "does not hold", "inconclusive")
+            assert html.escape(v["claim"]) in report and html.escape(v["statistic"]) in report
+    assert n_verdicts >= 25
+    asi = results["steps"]["asi"]
+    assert all(c.startswith("ranklens train sae ") and "--store" in c for c in asi["commands"])
+    assert len(asi["result"]["layout"]["baseline"]) == 2  # seeds per cell
+    runs = asi["result"]["runs"]
+    assert all((out / r["dir"] / "metrics.json").exists() and not (out / r["dir"] / "checkpoint.pt").exists()
+               for r in runs.values())
+    z = results["steps"]["lorsa"]["result"]["zpattern"]
+    assert z["heads"] and len(z["heads"][0]["row"]) == len(z["heads"][0]["tokens"])
+
+    # A second run reuses every step: no model is loaded, nothing is trained.
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished run loaded a model")
+
+    monkeypatch.setattr(context_module, "load_model", no_model)
+    before = {p: p.stat().st_mtime_ns for p in (out / "steps").iterdir()}
+    assert _run(micro, out) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "steps").iterdir()} == before
+    assert json.loads((out / "results.json").read_text())["steps"]["asi"]["result"] == asi["result"]
+
+
+def test_killed_run_continues_with_finished_work(micro, tmp_path, monkeypatch):
+    """Killed inside the first SAE step (after 2 of its 3 runs), the rerun trains only the third."""
+    cfg = ReproduceConfig.load(micro)
+    plan = Plan(cfg, tmp_path, ModelShape.of(cfg.model))
+    steps = job.steps(plan)[:4]  # the spectrum, W_O, the store and the dead-feature sweep
+    assert [s.name for s in steps] == STEPS[:4]
+    trained = []
+    original = context_module.train_sae
+
+    def dies_after_two(cfg, run_dir, *args, **kwargs):
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        trained.append(run_dir.name)
+        return original(cfg, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(context_module, "train_sae", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_steps(tmp_path, steps, Context(plan, progress=False), progress=False)
+    assert {p.name for p in (tmp_path / "steps").iterdir()} == {"low_rank.json", "wo.json", "activations.json",
+                                                                 "dead_vs_rank.partial.json"}
+    assert all((tmp_path / "sae" / d / "metrics.json").exists() for d in trained)
+
+    retrained = []
+
+    def counting(cfg, run_dir, *args, **kwargs):
+        if kwargs.get("lm") is not None:  # a run that trains (finished runs are read without a model)
+            retrained.append(run_dir.name)
+        return original(cfg, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(context_module, "train_sae", counting)
+    records = run_steps(tmp_path, steps, Context(plan, progress=False), progress=False)
+    assert len(retrained) == 1 and retrained[0] not in trained
+    assert records["dead_vs_rank"]["attempts"] == 2 and len(records["dead_vs_rank"]["result"]["points"]) == 3
