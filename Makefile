@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/ranklens spectrum --config configs/demo.yaml --out $(DEMO_OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/ranklens reproduce --preset quick --out $(DEMO_OUT)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

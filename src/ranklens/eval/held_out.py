@@ -92,8 +92,13 @@ class HeldOutSet:
                                prefixes=self._prefixes[parsed.layer])
 
     def _baseline(self, site: str) -> dict[str, float]:
+        """Clean CE (once per layer: it runs the same layers from the same input for every site of a layer) and
+        zero-ablated CE (per site)."""
         if site not in self._baselines:
-            self._baselines[site] = self._cross_entropies(site, {"clean": None, "zero": zero_ablation})
+            layer = Site.parse(site).layer
+            clean = next((b["clean"] for s, b in self._baselines.items() if Site.parse(s).layer == layer), None)
+            wanted = {"zero": zero_ablation} if clean is not None else {"clean": None, "zero": zero_ablation}
+            self._baselines[site] = {"clean": clean, **self._cross_entropies(site, wanted)}
         return self._baselines[site]
 
     @torch.no_grad()

@@ -39,8 +39,10 @@ def git_commit() -> str:
 def scale(cfg: ReproduceConfig, plan_info: dict[str, Any]) -> dict[str, Any]:
     """The tokens and sizes a run used, for the report's first table."""
     d = plan_info["d_model"]
+    base = ReproduceConfig.load(preset=cfg.preset)
+    overrides = [f"{k}={v}" for k, v in cfg.model_dump().items() if v != getattr(base, k)]
     return {
-        "preset": cfg.preset,
+        "preset": cfg.preset + (f" with {', '.join(overrides)}" if overrides else ""),
         "model": f"{cfg.model} ({plan_info['n_layers']} layers, d = {d}); middle layer {plan_info['middle_layer']}",
         "corpus": cfg.corpus,
         "spectrum tokens per site": cfg.spectrum_tokens,

@@ -35,7 +35,7 @@ from ranklens.config import Config
 from ranklens.data.corpus import iter_documents
 from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, TokenBatch, first_tokens, token_batches
 from ranklens.errors import RanklensError
-from ranklens.eval.lm_loss import cross_entropies, zero_ablation
+from ranklens.eval.lm_loss import cross_entropies, layer_inputs, zero_ablation
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, max_positions
 from ranklens.lm.sites import Architecture, Site, describe, parse_sites
@@ -223,15 +223,16 @@ def _grid(d: int, points: int) -> list[int]:
 
 def loss_recovered_curve(lm: LoadedModel, arch: Architecture, site: Site, mean: torch.Tensor,
                          basis: PrincipalBasis, batches: list[TokenBatch], ce_clean: float, ce_zero: float,
-                         points: int, target: float = 0.99) -> dict[str, Any]:
-    """Fraction of loss recovered against kept components n, and the smallest n reaching `target`."""
+                         points: int, target: float = 0.99, prefixes: list | None = None) -> dict[str, Any]:
+    """Fraction of loss recovered against kept components n, and the smallest n reaching `target`. `prefixes`
+    (`layer_inputs` of the site's layer on `batches`) saves recomputing the layers before the site per evaluation."""
     d = basis.eigenvectors.shape[0]
     ce_by_n: dict[int, float] = {}
 
     def evaluate(ns: list[int]) -> None:
         todo = [n for n in ns if n not in ce_by_n]
         fns = {str(n): subspace_projection(mean, basis.eigenvectors[:, :n]) for n in todo}
-        for name, ce in cross_entropies(lm.model, arch, batches, site, fns).items():
+        for name, ce in cross_entropies(lm.model, arch, batches, site, fns, prefixes=prefixes).items():
             ce_by_n[int(name)] = ce
 
     def frac(n: int) -> float:
@@ -363,12 +364,17 @@ def _loss_recovered(lm, arch, cfg, state, loss_sites, by_name, state_dir: Path, 
     batches = held_out_batches(lm, cfg, state.docs_done)
     cache_path = state_dir / "loss_recovered.json"
     cache = read_json(cache_path) if cache_path.exists() else {}
+    prefixes: dict[int, list] = {}  # the input of each site's layer, captured once for all its evaluations
     for site in tqdm(loss_sites, desc="loss recovered", disable=not progress, file=sys.stderr):
         if site.name not in cache:
             acc = state.full(site.name)
-            ce = cross_entropies(lm.model, arch, batches, site, {"clean": None, "zero": zero_ablation})
+            if site.layer not in prefixes:
+                prefixes[site.layer] = layer_inputs(lm.model, arch, batches, site)
+            ce = cross_entropies(lm.model, arch, batches, site, {"clean": None, "zero": zero_ablation},
+                                 prefixes=prefixes[site.layer])
             cache[site.name] = loss_recovered_curve(lm, arch, site, acc.mean, principal_basis(acc), batches,
-                                                    ce["clean"], ce["zero"], cfg.loss_points)
+                                                    ce["clean"], ce["zero"], cfg.loss_points,
+                                                    prefixes=prefixes[site.layer])
             atomic_write_json(cache_path, cache)
         by_name[site.name]["loss_recovered"] = cache[site.name]
 
