@@ -28,6 +28,7 @@ class Context:
         self.progress = progress
         self.records: dict[str, dict[str, Any]] = {}  # finished steps, filled in by run_steps
         self._lm: LoadedModel | None = None
+        self._store: ActivationStore | None = None
         self._held_out: OrderedDict[int, HeldOutSet] = OrderedDict()
 
     @property
@@ -39,7 +40,10 @@ class Context:
 
     def store(self) -> ActivationStore:
         """The SAE activation store (collected, resumed or reused)."""
-        return collect(self.plan.collect_config(), self.plan.store_dir, progress=self.progress, lm=self.lm)
+        if self._store is None:
+            self._store = collect(self.plan.collect_config(), self.plan.store_dir, progress=self.progress,
+                                  lm=self.lm)
+        return self._store
 
     def held_out(self, site: str) -> HeldOutSet:
         """The held-out set of the store's sites at `site`'s layer (one forward pass serves all of them)."""

@@ -35,7 +35,7 @@ STABLE_CV = 0.01  # App. C: CV of the effective rank below 1% counts as stable (
 
 def spectrum_config(plan: Plan) -> SpectrumConfig:
     """The spectrum job; batches small enough that each of the App. C splits gets at least two of them (splits are
-    dealt batches round-robin)."""
+    dealt batches round-robin), and a checkpoint every minute so a killed run loses little."""
     c = plan.cfg
     mid3 = ",".join(f"Lmid.{k}" for k in MAIN_KINDS)
     compare = [f"corpus={x}" for x in c.compare_corpora if x != c.corpus]
@@ -45,7 +45,8 @@ def spectrum_config(plan: Plan) -> SpectrumConfig:
                           batch_tokens=min(8192, max(512, c.spectrum_tokens // (2 * c.splits))),
                           device=c.device, gram_dtype="float32", splits=c.splits, stability_sites=mid3,
                           loss_recovered=mid3, loss_tokens=c.loss_tokens, loss_points=c.loss_points,
-                          decompose="mid", compare=",".join(compare) or None, compare_tokens=c.compare_tokens)
+                          decompose="mid", compare=",".join(compare) or None, compare_tokens=c.compare_tokens,
+                          checkpoint_seconds=60)
 
 
 def _summary(record: dict[str, Any], mid: int) -> dict[str, Any]:
