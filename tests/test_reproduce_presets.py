@@ -54,7 +54,8 @@ def test_commands_rebuild_their_config(subcommand, cfg, base):
 
 
 def test_sampled_layers_keep_the_ends_and_the_middle():
-    assert sampled_layers(30, 4) == [0, 10, 15, 19, 29]
+    assert sampled_layers(30, 4) == [0, 10, 15, 29]
+    assert sampled_layers(30, 3) == [0, 15, 29]
     assert sampled_layers(30, "all") == list(range(30))
     assert sampled_layers(3, 5) == [0, 1, 2]
     assert sampled_layers(30, 1) == [15]

@@ -48,12 +48,15 @@ class ModelShape:
 
 
 def sampled_layers(n_layers: int, count: int | str) -> list[int]:
-    """`count` evenly spaced layers from the first to the last, always with the middle one (n_layers // 2)."""
+    """`count` evenly spaced layers from the first to the last, the one closest to the middle (n_layers // 2)
+    moved onto it; every layer for "all" or a count of at least n_layers."""
     if count == "all" or int(count) >= n_layers:
         return list(range(n_layers))
     count = max(1, int(count))
-    spaced = {round(i * (n_layers - 1) / (count - 1)) for i in range(count)} if count > 1 else set()
-    return sorted(spaced | {n_layers // 2})
+    mid = n_layers // 2
+    spaced = sorted({round(i * (n_layers - 1) / (count - 1)) for i in range(count)}) if count > 1 else [mid]
+    closest = min(spaced, key=lambda layer: (abs(layer - mid), layer))
+    return sorted({mid if layer == closest else layer for layer in spaced})
 
 
 @dataclass(frozen=True)

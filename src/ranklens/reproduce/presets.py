@@ -6,7 +6,7 @@ some of them. Values are resolved in this order: the preset, then the YAML file,
 (``ReproduceConfig.load``).
 
 - ``quick`` (what ``make demo`` runs): every experiment at reduced scale, within 20 minutes on a 2-core CPU; 3 seeds
-  per cell; dictionaries of 4x the model width, 49k training tokens, sampled layers.
+  per cell; dictionaries of 4x the model width, 32k training tokens (64 steps of 512), 3 sampled layers.
 - ``standard`` (the README's results table; hours on a CPU): 5 seeds per cell, 8x dictionaries, 1M training
   tokens, every third layer for the dead-feature sweep.
 - ``paper`` (a GPU machine): the paper's sizes (App. E.1: 8x dictionaries, k = 50, batch 4,096, 800M tokens, lr 4e-5;
@@ -41,32 +41,32 @@ class ReproduceConfig(Config):
     seeds: int = 3  # runs per cell of the seeded experiments (App. H uses 15)
     alpha: float = 0.05  # significance level of every verdict
     # Experiments 1-2 (Section 4, App. B-D): one spectrum job over every layer.
-    spectrum_tokens: int = 20_000
+    spectrum_tokens: int = 16_384
     splits: int = 4  # App. C: disjoint splits at the middle layer
-    loss_tokens: int = 1024  # App. B: held-out tokens per loss evaluation
-    loss_points: int = 6
-    compare_tokens: int = 6_000
+    loss_tokens: int = 512  # App. B: held-out tokens per loss evaluation
+    loss_points: int = 4
+    compare_tokens: int = 4096
     # SAE training (App. E.1), shared by experiments 3-7; one activation store feeds them all.
-    store_tokens: int = 24_576  # activations collected once; training cycles over them
-    sae_tokens: int = 49_152  # training tokens per SAE
-    batch_size: int = 1024
+    store_tokens: int = 16_384  # activations collected once; training cycles over them
+    sae_tokens: int = 32_768  # training tokens per SAE
+    batch_size: int = 512
     lr: float = 4e-4
     warmup_steps: int = 8
     expansion: int = 4  # features = expansion * d
     k: int = 32
     d_init: int | Literal["auto"] = "auto"  # the main ASI subspace dimension (App. E.1 uses 768 of 4096)
     aux_k: int = 512  # the AuxK baseline (App. E.1)
-    init_tokens: int = 24_576  # tokens behind the ASI basis
-    eval_tokens: int = 4096
-    lm_eval_tokens: int = 1024
+    init_tokens: int = 16_384  # tokens behind the ASI basis
+    eval_tokens: int = 2048
+    lm_eval_tokens: int = 512
     # Experiment 3 (Figure 5, App. F): one standard-init TopK SAE per site of the sampled layers.
-    sweep_layers: int | Literal["all"] = 4  # evenly spaced layers (always with the middle one), or all
+    sweep_layers: int | Literal["all"] = 3  # evenly spaced layers (always with the middle one), or all
     # Experiment 4 (Figures 6, 7; Tables 4, 5; App. H).
-    d_init_values: list[int] = [16, 64, 256]
+    d_init_values: list[int] = [32, 128]
     k_values: list[int] = [16, 32]
     # Experiment 6 (Figure 8): dictionary sizes (multiples of d), one seed each.
     scaling_expansions: list[int] = [2, 4, 8, 16, 32]
-    scaling_tokens: int = 24_576
+    scaling_tokens: int = 16_384
     # Experiment 8 (Section 5.4, Figure 9, App. O): Lorsa at the middle layer, default init against ASI.
     lorsa_expansion: int = 1  # heads = lorsa_expansion * d (App. O.1: 8)
     lorsa_qk_groups_per_head: int = 1  # QK groups per MHSA head (App. O.1: 8; Lorsa App. B: at least 1)
