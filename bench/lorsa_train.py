@@ -27,9 +27,9 @@ full steps (grouped cells only; a naive step takes minutes), then ``--steps`` (n
 timed steps. tokens/s = loss tokens per step / median step wall time.
 
 Memory per token: each cell first runs one step on 8 positions per sequence (loading the kernels and allocating the
-gradients and Adam's moments), then resets the kernel's RSS high-water mark (/proc/self/clear_refs); the peak RSS
-of the timed steps above the RSS before them, divided by the tokens of a step, is the transient memory (activations,
-attention, temporaries) a token costs during training.
+gradients and Adam's moments), then resets the kernel's RSS high-water mark (/proc/self/clear_refs); the peak RSS of
+the first full step above the RSS before it, divided by the tokens of a step, is the transient memory (activations,
+attention, temporaries) a token costs during training (later steps reuse what the allocator kept).
 
 The JSON (bench/results/lorsa_train.json) records the 1-minute load average before and after, and the cores each
 cell actually got (process CPU time / wall time).
@@ -212,19 +212,20 @@ def child(args: argparse.Namespace) -> None:
             naive_step(model, optimizer, b)
 
     # A first step on 8 positions per sequence loads the kernels and allocates gradients and Adam's moments, so that
-    # the peak measured below is the step's own transient memory (activations, attention, temporaries).
+    # the peak of the first full step is that step's own transient memory (activations, attention, temporaries);
+    # later steps reuse memory the allocator kept, so only the first full step is measured.
     step(tiny)
-    for _ in range(args.warmup):
-        step(batch)
     before = reset_peak_rss()
-    times, cpu = [], []
-    for _ in range(args.steps):
+    times, cpu, peak = [], [], None
+    for i in range(args.warmup + args.steps):
         c0, t0 = time.process_time(), time.perf_counter()
         step(batch)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    print(json.dumps({"times": times, "cpu": cpu, "tokens": batch.n_tokens, "peak_delta": peak_rss() - before,
-                      "n_params": n_params}))
+        t1, c1 = time.perf_counter(), time.process_time()
+        peak = peak_rss() - before if peak is None else peak
+        if i >= args.warmup:
+            times.append(t1 - t0)
+            cpu.append(c1 - c0)
+    print(json.dumps({"times": times, "cpu": cpu, "tokens": batch.n_tokens, "peak_delta": peak, "n_params": n_params}))
 
 
 def run_cell(args: argparse.Namespace, data: Path, variant: str, n_seq: int, steps: int, warmup: int) -> dict:
