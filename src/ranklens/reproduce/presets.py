@@ -6,7 +6,7 @@ some of them. Values are resolved in this order: the preset, then the YAML file,
 (``ReproduceConfig.load``).
 
 - ``quick`` (what ``make demo`` runs): every experiment at reduced scale, within 20 minutes on a 2-core CPU; 3 seeds
-  per cell; dictionaries of 4x the model width, 32k training tokens (64 steps of 512), 3 sampled layers.
+  per cell; dictionaries of 4x the model width, 32k training tokens (64 steps of 512), 5 sampled layers.
 - ``standard`` (the README's results table; hours on a CPU): 5 seeds per cell, 8x dictionaries, 1M training
   tokens (4 passes over a 250k-token store of 23 sites, ~6.6 GB), 7 layers for the dead-feature sweep.
 - ``paper`` (a GPU machine): the paper's sizes (App. E.1: 8x dictionaries, k = 50, batch 4,096, 800M tokens, lr 4e-5;
@@ -41,9 +41,9 @@ class ReproduceConfig(Config):
     seeds: int = 3  # runs per cell of the seeded experiments (App. H uses 15)
     alpha: float = 0.05  # significance level of every verdict
     # Experiments 1-2 (Section 4, App. B-D): one spectrum job over every layer.
-    spectrum_tokens: int = 16_384
+    spectrum_tokens: int = 32_768
     splits: int = 4  # App. C: disjoint splits at the middle layer
-    loss_tokens: int = 512  # App. B: held-out tokens per loss evaluation
+    loss_tokens: int = 1024  # App. B: held-out tokens per loss evaluation
     loss_points: int = 4
     compare_tokens: int = 4096
     # SAE training (App. E.1), shared by experiments 3-7; one activation store feeds them all.
@@ -60,7 +60,7 @@ class ReproduceConfig(Config):
     eval_tokens: int = 2048
     lm_eval_tokens: int = 512
     # Experiment 3 (Figure 5, App. F): one standard-init TopK SAE per site of the sampled layers.
-    sweep_layers: int | Literal["all"] = 3  # evenly spaced layers (always with the middle one), or all
+    sweep_layers: int | Literal["all"] = 5  # evenly spaced layers (always with the middle one), or all
     # Experiment 4 (Figures 6, 7; Tables 4, 5; App. H).
     d_init_values: list[int] = [32, 128]
     k_values: list[int] = [16, 32]
@@ -71,9 +71,9 @@ class ReproduceConfig(Config):
     lorsa_expansion: int = 1  # heads = lorsa_expansion * d (App. O.1: 8)
     lorsa_qk_groups_per_head: int = 1  # QK groups per MHSA head (App. O.1: 8; Lorsa App. B: at least 1)
     lorsa_k: int = 16
-    lorsa_tokens: int = 8192
-    lorsa_batch_tokens: int = 2048
-    lorsa_lr: float = 2e-4  # App. O.1
+    lorsa_tokens: int = 65_536
+    lorsa_batch_tokens: int = 1024
+    lorsa_lr: float = 3e-3  # 64 steps (App. O.1's 2e-4 is for 800M tokens): FVU 0.88 against 1.80 with 2e-4
     lorsa_warmup_steps: int = 1
     zpattern_text: str = ("When Mary and John went to the store, John gave a drink to Mary. The store was closed, so "
                           "they walked home.")
@@ -138,8 +138,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scaling_tokens": 500_000,
         "lorsa_expansion": 2,
         "lorsa_k": 32,
-        "lorsa_tokens": 200_000,
-        "lorsa_batch_tokens": 8192,
+        "lorsa_tokens": 400_000,
+        "lorsa_batch_tokens": 2048,
+        "lorsa_lr": 1e-3,
         "lorsa_warmup_steps": 5,
     },
     "paper": {
@@ -168,6 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lorsa_k": 64,
         "lorsa_tokens": 800_000_000,
         "lorsa_batch_tokens": 32_768,
+        "lorsa_lr": 2e-4,
         "lorsa_warmup_steps": 500,
     },
 }
