@@ -191,6 +191,8 @@ def child(args: argparse.Namespace) -> None:
     from ranklens.train.lorsa_objective import LorsaObjective
     from ranklens.train.trainer import Trainer, TrainSettings
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = torch.load(args.data, weights_only=False)
     batch, tiny = batch_of(data, args.n_seq), batch_of(data, args.n_seq, 8)
     lorsa = build(data)
@@ -231,7 +233,7 @@ def child(args: argparse.Namespace) -> None:
 def run_cell(args: argparse.Namespace, data: Path, variant: str, n_seq: int, steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, __file__, "--child", variant, "--data", str(data), "--n-seq", str(n_seq),
-               "--steps", str(steps), "--warmup", str(warmup), "--tmp", tmp]
+               "--steps", str(steps), "--warmup", str(warmup), "--tmp", tmp, "--threads", str(args.threads or 0)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -262,8 +264,11 @@ def main() -> None:
     parser.add_argument("--naive-steps", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--naive", nargs="*", default=["math", "sdpa"], help="naive attention variants to time")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every cell (default torch's; 1 keeps cells stable when another job "
+                             "holds a core)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON results (an entry per --threads)")
     # child mode
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -314,7 +319,8 @@ def main() -> None:
     ratios = {f"grouped-fp32_vs_{v}": by[("grouped-fp32", small)]["tokens_per_second"] / by[(v, small)][
         "tokens_per_second"] for v, _ in cells if v.startswith("naive")}
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "setup": setup, "agreement_max_rel_diff": agreement,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
+              "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
+              "machine": platform.processor(),
               "load_before": load_before, "load_after": os.getloadavg(), "rounds": args.rounds,
               "ratios_same_batch": ratios, "rows": rows}
     print("| variant | seqs x tokens | tokens/step | s/step | tokens/s | cores | activation bytes/token |")
@@ -326,7 +332,9 @@ def main() -> None:
     print(json.dumps(ratios, indent=1))
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        entries = json.loads(args.out.read_text()) if args.out.exists() else {}
+        entries[f"threads={report['threads']}"] = report
+        args.out.write_text(json.dumps(entries, indent=1) + "\n")
         print(f"written to {args.out}")
 
 
