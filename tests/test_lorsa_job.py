@@ -3,6 +3,7 @@ on-the-fly data, a killed run resumed bit-exactly, errors) and once on the embed
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -149,3 +150,20 @@ def test_cli_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
     assert main([*args[:-3], "--heads", "145", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not divisible" in err[0]
+
+
+def test_output_bias_mean_is_the_mean_target_of_the_first_init_tokens(tiny_dir, tmp_path):
+    from ranklens.lm.attention import mhsa_weights
+    from ranklens.train.lorsa_job import _store, build_lorsa
+    from ranklens.train.lorsa_data import StoreSequences
+
+    cfg = _cfg(tiny_dir, output_bias="mean", init_tokens=700)
+    lm = load_model(cfg.model, "float32")
+    store = _store(cfg, 1, tmp_path / "run", lm, progress=False)
+    source = StoreSequences(store, 1, cfg.batch_tokens, cfg.seed, cfg.tokens)
+    lorsa, info = build_lorsa(cfg, mhsa_weights(lm.model, 1), lambda: source(0))
+    rows = torch.cat([b.target[b.stat_mask] for b in itertools.islice(source(0), 3)])[:700].double()  # 3 x 400 > 700
+    assert info["output_bias"] == "mean"
+    torch.testing.assert_close(lorsa.b_O.double(), rows.mean(0), rtol=1e-6, atol=1e-6)
+    zero, info = build_lorsa(_cfg(tiny_dir), mhsa_weights(lm.model, 1), lambda: source(0))
+    assert info["output_bias"] == "zero" and torch.equal(zero.b_O, torch.zeros_like(zero.b_O))  # App. O.2

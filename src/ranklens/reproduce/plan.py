@@ -129,7 +129,7 @@ class Plan:
             optimizer=optimizer, lr=c.lr, warmup_steps=c.warmup_steps, aux_k=c.aux_k if auxk else 0,
             shuffle_buffer_tokens=max(2 * c.batch_size, min(SHUFFLE_BUFFER_TOKENS, c.store_tokens)),
             eval_tokens=c.eval_tokens, lm_eval_tokens=c.lm_eval_tokens, seed=cell.seed,
-            context_length=c.context_length, dtype=c.dtype, device=c.device)
+            context_length=c.context_length, dtype=c.dtype, train_dtype=c.train_dtype, device=c.device)
 
     def sae_dir(self, cell: Cell) -> Path:
         return self.out / SAE_DIR / cell.name

@@ -5,13 +5,19 @@ YAML key. A preset is a named set of field values: ``quick`` is the class defaul
 some of them. Values are resolved in this order: the preset, then the YAML file, then the flags
 (``ReproduceConfig.load``).
 
-- ``quick`` (what ``make demo`` runs): every experiment at reduced scale, within 20 minutes on a 2-core CPU; 3 seeds
-  per cell; dictionaries of 4x the model width, 32k training tokens (64 steps of 512), 5 sampled layers.
+- ``quick`` (what ``make demo`` runs): every experiment at reduced scale, within 20 minutes on a 2-core CPU; a
+  100k-token spectrum of every layer; 3 seeds per cell; dictionaries of 4x the model width, 32k training tokens (64
+  steps of 512), 5 sampled layers.
 - ``standard`` (the README's results table; hours on a CPU): 5 seeds per cell, 8x dictionaries, 1M training
-  tokens (4 passes over a 250k-token store of 23 sites, ~6.6 GB), 7 layers for the dead-feature sweep.
+  tokens (4 passes over a 250k-token store of 23 sites, ~6.6 GB) with bf16 autocast, 7 layers for the dead-feature
+  sweep.
 - ``paper`` (a GPU machine): the paper's sizes (App. E.1: 8x dictionaries, k = 50, batch 4,096, 800M tokens, lr 4e-5;
   App. H: 15 seeds; Section 4.2: 10M tokens per spectrum; every layer; App. O.1: Lorsa with 8x d heads in 8 QK groups
-  per MHSA head, batches of 32,768 tokens).
+  per MHSA head, batches of 32,768 tokens, b_O starting at zero as in App. O.2).
+
+Lorsa's output bias starts at the target's mean in ``quick`` and ``standard`` for both inits
+(``lorsa_output_bias``): their budgets of tens to hundreds of steps cannot move b_O from zero to a mean of norm ~20,
+which would leave every Lorsa with an FVU above 1 and hide what the heads learn.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class ReproduceConfig(Config):
     seeds: int = 3  # runs per cell of the seeded experiments (App. H uses 15)
     alpha: float = 0.05  # significance level of every verdict
     # Experiments 1-2 (Section 4, App. B-D): one spectrum job over every layer.
-    spectrum_tokens: int = 32_768
+    spectrum_tokens: int = 100_000
     splits: int = 4  # App. C: disjoint splits at the middle layer
     loss_tokens: int = 1024  # App. B: held-out tokens per loss evaluation
     loss_points: int = 4
@@ -56,6 +62,9 @@ class ReproduceConfig(Config):
     k: int = 32
     d_init: int | Literal["auto"] = "auto"  # the main ASI subspace dimension (App. E.1 uses 768 of 4096)
     aux_k: int = 512  # the AuxK baseline (App. E.1)
+    # bf16 autocast of the SAE and Lorsa matmuls (fp32 weights and Adam): 1.4x the float32 speed at 4,608 features
+    # here, same training FVU to 4 digits (0.1943 vs 0.1942 after 200 steps on SmolLM2 L15.attn_out)
+    train_dtype: Literal["float32", "bfloat16"] = "float32"
     init_tokens: int = 16_384  # tokens behind the ASI basis
     eval_tokens: int = 2048
     lm_eval_tokens: int = 512
@@ -75,6 +84,8 @@ class ReproduceConfig(Config):
     lorsa_batch_tokens: int = 1024
     lorsa_lr: float = 3e-3  # 64 steps (App. O.1's 2e-4 is for 800M tokens): FVU 0.88 against 1.80 with 2e-4
     lorsa_warmup_steps: int = 1
+    # "mean" for both inits: a short run cannot move b_O from zero to the target's mean (see LorsaTrainConfig)
+    lorsa_output_bias: Literal["zero", "mean"] = "mean"
     zpattern_text: str = ("When Mary and John went to the store, John gave a drink to Mary. The store was closed, so "
                           "they walked home.")
 
@@ -125,6 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "store_tokens": 250_000,
         "sae_tokens": 1_000_000,
         "batch_size": 1024,
+        "train_dtype": "bfloat16",
         "lr": 4e-4,
         "warmup_steps": 50,
         "expansion": 8,
@@ -152,6 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "store_tokens": 10_000_000,
         "sae_tokens": 800_000_000,
         "batch_size": 4096,
+        "train_dtype": "bfloat16",
         "lr": 4e-5,
         "warmup_steps": 500,
         "expansion": 8,
@@ -171,5 +184,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lorsa_batch_tokens": 32_768,
         "lorsa_lr": 2e-4,
         "lorsa_warmup_steps": 500,
+        "lorsa_output_bias": "zero",  # App. O.2; 800M tokens leave b_O time to learn the mean
     },
 }

@@ -64,7 +64,11 @@ class LorsaTrainConfig(Config):
     init: Literal["default", "mhsa-qk", "asi"] = "default"
     qk_trainable: bool = True  # copied Q/K keep training (App. B.3: better than fixed)
     d_init: int | None = None  # ASI subspace dimension per head; default d_qk (App. O.1: d_head)
-    init_tokens: int = 100_000  # attention inputs behind ASI's per-head subspaces
+    init_tokens: int = 100_000  # attention inputs behind ASI's per-head subspaces (and the mean of output_bias)
+    # App. O.2 starts b_O at zero; "mean" starts it at the mean attention output of the first init_tokens training
+    # tokens. Why offer it: b_O moves at most ~lr per Adam step, so a short run cannot learn a target mean of norm
+    # ~20 (SmolLM2 layer 15) from zero and ends with FVU above 1 whatever its heads learn.
+    output_bias: Literal["zero", "mean"] = "zero"
     corpus: str = "default"
     source: Literal["store", "stream"] = "store"  # store: from an activation store; stream: captured on the fly
     store: str | None = None  # a store holding L{layer}.attn_in and attn_out; default: collected into DIR/activations
@@ -123,9 +127,23 @@ def _input_covariance(cfg: LorsaTrainConfig, batches, d: int) -> CovarianceAccum
     return acc
 
 
+def _target_mean(cfg: LorsaTrainConfig, batches, d: int) -> torch.Tensor:
+    """Mean attention output (float64) over the first `init_tokens` ordinary training tokens."""
+    total, n = torch.zeros(d, dtype=torch.float64), 0
+    for batch in batches:
+        rows = batch.target[batch.stat_mask][: cfg.init_tokens - n]
+        total += rows.double().sum(0).cpu()
+        n += rows.shape[0]
+        if n >= cfg.init_tokens:
+            break
+    if n == 0:
+        raise RanklensError("--output-bias mean: the training data holds no ordinary token")
+    return total / n
+
+
 def build_lorsa(cfg: LorsaTrainConfig, w: MHSAWeights, batches) -> tuple[Lorsa, dict]:
     """The Lorsa with the configured initialization (`batches()`: a fresh iterator of training LorsaBatches, read by
-    ASI only) and a description of the init for the metrics."""
+    ASI and by `output_bias: mean` only) and a description of the init for the metrics."""
     lorsa = Lorsa(lorsa_config(cfg, w), device=cfg.device)
     init_default_(lorsa, torch.Generator().manual_seed(cfg.seed))
     w32 = w.to(dtype=torch.float32, device=cfg.device)
@@ -137,6 +155,12 @@ def build_lorsa(cfg: LorsaTrainConfig, w: MHSAWeights, batches) -> tuple[Lorsa, 
         d_init = cfg.d_init or lorsa.cfg.d_qk
         init_asi_(lorsa, w32, acc, d_init=d_init, qk_trainable=cfg.qk_trainable)
         info.update(d_init=d_init, init_tokens=acc.n)
+    info["output_bias"] = cfg.output_bias
+    if cfg.output_bias == "mean":
+        if lorsa.b_O is None:
+            raise RanklensError("--output-bias mean needs a Lorsa with an output bias")
+        with torch.no_grad():
+            lorsa.b_O.copy_(_target_mean(cfg, batches(), w.d_model).to(lorsa.b_O))
     return lorsa, info
 
 

@@ -61,7 +61,8 @@ def lorsa_config(plan: Plan, cell: LorsaCell) -> LorsaTrainConfig:
                             tokens=cell.tokens, batch_tokens=c.lorsa_batch_tokens, lr=c.lorsa_lr,
                             warmup_steps=c.lorsa_warmup_steps, eval_tokens=c.eval_tokens,
                             lm_eval_tokens=c.lm_eval_tokens, seed=cell.seed, context_length=c.context_length,
-                            dtype=c.dtype, device=c.device)
+                            output_bias=c.lorsa_output_bias, dtype=c.dtype, train_dtype=c.train_dtype,
+                            device=c.device)
 
 
 def _top_patterns(lorsa, lm, layer: int, text: str, context_length: int) -> list[dict[str, Any]]:
