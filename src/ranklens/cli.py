@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ranklens.allocator import retain_freed_memory
 from ranklens.errors import RanklensError
 
 HELP = {
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # training loops reuse their large temporaries' pages (ranklens.allocator)
     try:
         args.func(args)
     except RanklensError as err:

@@ -148,10 +148,7 @@ class Code:
 
     def active_features(self) -> torch.Tensor:
         """Sorted unique indices (int64) of the features that fired (nonzero) on at least one token of the batch."""
-        if self.is_sparse:
-            assert self.indices is not None
-            return torch.unique(self.indices[self.active_mask()])
-        return self.active_mask().any(0).nonzero().squeeze(1)
+        return self.feature_counts().nonzero().squeeze(1)  # a bincount, not torch.unique's sort of B k indices
 
     def feature_counts(self) -> torch.Tensor:
         """[n_features] int64: on how many tokens of the batch each feature fired (for dead-feature tracking)."""
