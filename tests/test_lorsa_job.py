@@ -154,8 +154,8 @@ def test_cli_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
 
 def test_output_bias_mean_is_the_mean_target_of_the_first_init_tokens(tiny_dir, tmp_path):
     from ranklens.lm.attention import mhsa_weights
-    from ranklens.train.lorsa_job import _store, build_lorsa
     from ranklens.train.lorsa_data import StoreSequences
+    from ranklens.train.lorsa_job import _store, build_lorsa
 
     cfg = _cfg(tiny_dir, output_bias="mean", init_tokens=700)
     lm = load_model(cfg.model, "float32")
