@@ -57,6 +57,10 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
             assert v["verdict"] in ("holds", "does not hold", "inconclusive")
             assert html.escape(v["claim"]) in report and html.escape(v["statistic"]) in report
     assert n_verdicts >= 25
+    summary = (out / "results.md").read_text()  # the same verdicts as a Markdown table
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| experiment")]
+    assert len(rows) == n_verdicts
+    assert all(f"**{v['verdict']}**" in summary for s in results["steps"].values() for v in s["verdicts"])
     asi = results["steps"]["asi"]
     assert all(c.startswith("ranklens train sae ") and "--store" in c for c in asi["commands"])
     assert len(asi["result"]["layout"]["baseline"]) == 2  # seeds per cell

@@ -16,10 +16,11 @@ import yaml
 from ranklens.report.html import Report, software_versions
 from ranklens.reproduce.presets import ReproduceConfig
 from ranklens.reproduce.verdicts import Verdict
-from ranklens.rundir import atomic_write_json
+from ranklens.rundir import atomic_write_bytes, atomic_write_json
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
+SUMMARY_NAME = "results.md"
 FIGURES_DIR = "figures"
 
 
@@ -77,7 +78,27 @@ def build(out: Path, cfg: ReproduceConfig, plan_info: dict[str, Any], experiment
     }
     atomic_write_json(out / RESULTS_NAME, results)
     _report(out, results, experiments, records, found).write(out / REPORT_NAME)
+    atomic_write_bytes(out / SUMMARY_NAME, summary_markdown(results, experiments).encode())
     return results
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def summary_markdown(results: dict[str, Any], experiments: list) -> str:
+    """The verdict table of results.json as Markdown (DIR/results.md), for a README or a paper's appendix."""
+    cfg, titles = results["config"], {m.NAME: m.TITLE for m in experiments}
+    lines = [f"Verdicts of `ranklens reproduce` on {cfg['model']}, preset {cfg['preset']} "
+             f"({results['wall_seconds'] / 3600:.1f} h; ranklens {results['software'].get('ranklens', '?')}, "
+             f"commit {results['software'].get('git_commit', 'unknown')[:12]}); significance level {cfg['alpha']}.",
+             "", f"Command: `{results['command']}`" if results.get("command") else "", "",
+             "| experiment | claim | verdict | statistic |", "|---|---|---|---|"]
+    for name, step in results["steps"].items():
+        for v in step.get("verdicts", []):
+            lines.append(f"| {_cell(titles.get(name, name).split(' (')[0])} | {_cell(v['claim'])} | **{v['verdict']}** "
+                         f"| {_cell(v['statistic'])} |")
+    return "\n".join(line for line in lines) + "\n"
 
 
 def _report(out: Path, results: dict[str, Any], experiments: list, records: dict[str, Any],
