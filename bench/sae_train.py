@@ -4,6 +4,8 @@ Run with the bench environment (see bench/README.md, "SAE training throughput"),
 
     bench/.venv/bin/python bench/sae_train.py                       # default: 4,608 and 36,864 features, fp32 and bf16
     THP_MEM_ALLOC_ENABLE=1 bench/.venv/bin/python bench/sae_train.py  # the same with huge pages in torch's allocator
+    bench/.venv/bin/python bench/sae_train.py --retain-memory  # every library with glibc keeping freed memory (what
+                                                               # the ranklens CLI sets for itself, ranklens.allocator)
     bench/.venv/bin/python bench/sae_train.py --profile --n-features 36864 --dtype bfloat16   # where ranklens' step goes
 
 What is compared (one process, all libraries built from the SAME initial weights and fed the SAME batch tensors):
@@ -41,8 +43,8 @@ What is compared (one process, all libraries built from the SAME initial weights
   order, never trained on), x_hat from each library's own fp32 forward. nmse_uncentered = sum ||x - x_hat||^2 /
   sum ||x||^2 is reported too.
 
-Results go to stdout (a markdown table) and to bench/results/sae_train.json (one entry per THP setting, so the two
-runs sit side by side).
+Results go to stdout (a markdown table) and to bench/results/sae_train.json (one entry per allocator setting, so
+the runs sit side by side).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from ranklens.allocator import retain_freed_memory
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -753,7 +757,12 @@ def main() -> None:
     )
     p.add_argument("--auxk-dead-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tag", default=None, help="results key (default: thp=on/off)")
+    p.add_argument(
+        "--retain-memory",
+        action="store_true",
+        help="keep freed memory in the process for every library (ranklens.allocator, what the ranklens CLI does)",
+    )
+    p.add_argument("--tag", default=None, help="results key (default: thp=on/off, plus 'retain' with --retain-memory)")
     p.add_argument("--profile", action="store_true", help="profile ranklens' step instead of benchmarking")
     p.add_argument(
         "--show-dtypes", action="store_true", help="print the dtypes each library's bf16 step runs in"
@@ -763,7 +772,11 @@ def main() -> None:
     args.dtypes_t = [getattr(torch, d) for d in args.dtypes]
 
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
-    print(f"versions: {versions()}  THP_MEM_ALLOC_ENABLE={int(thp)}  load {os.getloadavg()}", flush=True)
+    retain = args.retain_memory and retain_freed_memory()
+    if args.retain_memory and not retain:
+        raise SystemExit("--retain-memory: glibc's mallopt is not available here")
+    print(f"versions: {versions()}  THP_MEM_ALLOC_ENABLE={int(thp)}  retain={retain}  load {os.getloadavg()}",
+          flush=True)
     x, data_info = load_activations(args.store, args.site, args.max_tokens)
     args.d_in = x.shape[1]
     x_eval = x[-args.eval_tokens :].clone()
@@ -798,13 +811,14 @@ def main() -> None:
     run = {
         "versions": versions(),
         "thp_mem_alloc_enable": thp,
+        "retain_freed_memory": retain,
         "data": data_info,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("dtypes_t", "store")},
         "configs": [],
     }
     run["settings"]["store"] = str(args.store)
-    key = args.tag or f"thp={'on' if thp else 'off'}"
+    key = args.tag or f"thp={'on' if thp else 'off'}" + (" retain" if retain else "")
     started = time.time()
     for n in args.n_features:
         for dtype in args.dtypes_t:
