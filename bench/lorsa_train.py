@@ -158,7 +158,7 @@ class NaiveLorsa(torch.nn.Module):
 
 
 def naive_step(model: NaiveLorsa, optimizer: torch.optim.Optimizer, batch) -> None:
-    optimizer.zero_grad(set_to_none=False)
+    optimizer.zero_grad(set_to_none=True)
     out = model(batch.x)
     sel = batch.stat_mask
     y, y_hat = batch.target[sel], out[sel]

@@ -19,7 +19,7 @@ What is compared (one process, all libraries built from the SAME initial weights
   copied into the three libraries' parameters.
 - One timed step = what the library's own trainer does per step, without logging, LR scheduler or data loading:
   * ranklens: ``Trainer._one_step(batch)`` with ``SAEObjective(sae, autocast_dtype=...)`` and ``make_optimizer("adam")``:
-    zero_grad(set_to_none=False), SAEObjective.step_loss (topk_encode with its sparse backward, sparse_decode, FVU loss),
+    zero_grad(set_to_none=True), SAEObjective.step_loss (topk_encode with its sparse backward, sparse_decode, FVU loss),
     backward, Adam.step(active_rows), FiringTracker.update.
   * sae-lens: the body of ``SAETrainer._train_step``: [autocast] ``TopKTrainingSAE.training_forward_pass`` (dense
     encoder matmul, torch.topk, scatter into a dense [B, n] code, dense decoder matmul, MSE summed over d and averaged
@@ -199,7 +199,7 @@ class RanklensRunner(Runner):
         if dead_mask is not None:  # AuxK timing: a fixed set of "dead" features, the same for every library
             self.trainer.tracker.dead_mask = lambda window: dead_mask  # type: ignore[method-assign]
         self.timed_step = (
-            f"Trainer._one_step: zero_grad(set_to_none=False), SAEObjective.step_loss "
+            f"Trainer._one_step: zero_grad(set_to_none=True), SAEObjective.step_loss "
             f"(autocast={autocast}), backward, {optimizer}.step(active_rows), FiringTracker.update"
         )
 
@@ -217,7 +217,7 @@ class RanklensRunner(Runner):
         for group in tr.optimizer.param_groups:
             group["lr"] = tr._lr()
         ctx = StepContext(tr.step, tr.current_k(), tr.tracker.dead_mask(tr.settings.dead_window_tokens))
-        tr.optimizer.zero_grad(set_to_none=False)
+        tr.optimizer.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
         result = self.objective.step_loss(x, ctx)
         t2 = time.perf_counter()

@@ -178,7 +178,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
         ctx = StepContext(self.step, self.current_k(), self.tracker.dead_mask(self.settings.dead_window_tokens))
-        self.optimizer.zero_grad(set_to_none=False)
+        # None, not zeros: backward then hands each parameter its fresh gradient instead of adding it into a zeroed
+        # buffer (two passes over every [n_features, d] tensor saved); every parameter gets a gradient each step.
+        self.optimizer.zero_grad(set_to_none=True)
         result = self.objective.step_loss(batch, ctx)
         if not torch.isfinite(result.loss):
             raise FloatingPointError(f"loss became {float(result.loss)} at step {self.step}; lower the learning rate")
