@@ -91,10 +91,19 @@ def _cmd_collect(args: argparse.Namespace) -> None:
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> None:
+    from ranklens.distributed import init_from_env, is_main, shutdown
     from ranklens.spectrum.job import SpectrumConfig, run_spectrum
 
-    run_spectrum(_config(args, SpectrumConfig), args.out, progress=not args.quiet, command=_command_line())
-    print(f"report: {Path(args.out) / 'report.html'}")
+    cfg = _config(args, SpectrumConfig)
+    distributed = init_from_env(cfg.device)  # under torchrun: the ranks share the accumulation
+    main = is_main()
+    try:
+        run_spectrum(cfg, args.out, progress=not args.quiet, command=_command_line(), distributed=distributed)
+    finally:
+        if distributed:
+            shutdown()
+    if main:
+        print(f"report: {Path(args.out) / 'report.html'}")
 
 
 def _cmd_train_sae(args: argparse.Namespace) -> None:

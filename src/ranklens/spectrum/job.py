@@ -34,6 +34,7 @@ from tqdm import tqdm
 from ranklens.config import Config
 from ranklens.data.corpus import iter_documents
 from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, TokenBatch, first_tokens, token_batches
+from ranklens.distributed import broadcast_error, gather_accumulators, rank_device, world
 from ranklens.errors import RanklensError
 from ranklens.eval.lm_loss import cross_entropies, layer_inputs, zero_ablation
 from ranklens.lm.capture import Capturer
@@ -144,14 +145,43 @@ def _calibrate_norms(lm: LoadedModel, capture: Capturer, cfg: SpectrumConfig) ->
 
 
 def accumulate(lm: LoadedModel, sites: list[Site], split_sites: set[str], cfg: SpectrumConfig, state_dir: Path,
-               progress: bool) -> AccumulationState:
+               progress: bool, distributed: bool = False) -> AccumulationState:
+    """The accumulators of every site over `cfg.tokens` tokens (resumed from, and checkpointed to, `state_dir`).
+
+    With `distributed` (inside a torchrun process group of W ranks), every rank walks the same sequence of batches
+    and runs the model on those whose index is its rank modulo W, so the union of the ranks' data is exactly the
+    one-process run's; each rank checkpoints its own part, and rank 0 receives the merged state (saved as the
+    complete one-process state, so any later run reuses it). The other ranks get their own part back."""
     gram_dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.gram_dtype]
     clip = cfg.outlier_sigma if cfg.exclude_outliers else None
     path = state_dir / _STATE_NAME
-    capture = Capturer(lm.model, sites)
-    if path.exists():
+    rank, size = world() if distributed else (0, 1)
+    if path.exists():  # a complete merged state of an earlier run (or a one-process run's, complete or not)
         state = AccumulationState.load(path, gram_dtype, clip)
-    else:
+        if state.complete or size == 1:
+            return _accumulate_own(lm, sites, split_sites, cfg, path, state, gram_dtype, clip, progress, 0, 1)
+    own_path = path if size == 1 else state_dir / f"accumulators.rank{rank}-of-{size}.safetensors"
+    state = AccumulationState.load(own_path, gram_dtype, clip) if own_path.exists() else None
+    state = _accumulate_own(lm, sites, split_sites, cfg, own_path, state, gram_dtype, clip, progress and rank == 0,
+                            rank, size)
+    if size == 1:
+        return state
+    names = list(state.accs)
+    merged = gather_accumulators([acc for name in names for acc in state.accs[name]])
+    if merged is None:
+        return state
+    parts = iter(merged)
+    state.accs = {name: [next(parts) for _ in state.accs[name]] for name in names}
+    state.save(path)
+    return state
+
+
+def _accumulate_own(lm: LoadedModel, sites: list[Site], split_sites: set[str], cfg: SpectrumConfig, path: Path,
+                    state: AccumulationState | None, gram_dtype: torch.dtype, clip: float | None, progress: bool,
+                    rank: int, size: int) -> AccumulationState:
+    """This rank's share (every batch when size == 1) of the accumulation, checkpointed to `path`."""
+    capture = Capturer(lm.model, sites)
+    if state is None:
         arch = capture.arch
         state = AccumulationState({
             s.name: [CovarianceAccumulator(arch.site_dim(s), norm_clip_sigma=clip, gram_dtype=gram_dtype)
@@ -167,13 +197,14 @@ def accumulate(lm: LoadedModel, sites: list[Site], split_sites: set[str], cfg: S
                                cfg.batch_tokens):
         if state.tokens_done >= cfg.tokens:
             break
-        acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
         take = min(batch.n_tokens, cfg.tokens - state.tokens_done)  # exactly `tokens` tokens in all
         split = state.batches_done % cfg.splits
-        for name, a in acts.items():
-            rows = a[batch.stat_mask.to(a.device)][:take]
-            parts = state.accs[name]
-            parts[split % len(parts)].update(rows, norm_bounds=state.norms.get(name))
+        if state.batches_done % size == rank:
+            acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
+            for name, a in acts.items():
+                rows = a[batch.stat_mask.to(a.device)][:take]
+                parts = state.accs[name]
+                parts[split % len(parts)].update(rows, norm_bounds=state.norms.get(name))
         state.docs_done += batch.n_docs
         state.tokens_done += take
         state.batches_done += 1
@@ -281,15 +312,34 @@ def _decomposition(state: AccumulationState, arch: Architecture, layer: int) -> 
 
 
 def run_spectrum(cfg: SpectrumConfig, out: str | Path, progress: bool = True, command: str | None = None,
-                 report: bool = True) -> dict[str, Any]:
-    """Run (or resume, or reuse) the spectrum job in `out`; returns the spectrum.json content."""
+                 report: bool = True, distributed: bool = False) -> dict[str, Any]:
+    """Run (or resume, or reuse) the spectrum job in `out`; returns the spectrum.json content.
+
+    With `distributed` (a torchrun process group; see ``ranklens.distributed``) the accumulation is shared by the
+    ranks and rank 0 does the rest alone (statistics, loss recovered, comparisons as one-process sub-runs, the
+    report); the other ranks return an empty dict once their part is merged."""
     _validate(cfg)
-    out = prepare_run_dir(out, cfg, "spectrum")
+    main = world()[0] == 0 or not distributed
+    error = None
+    if main:
+        try:
+            out = prepare_run_dir(out, cfg, "spectrum")
+        except RanklensError as err:
+            error = str(err)
+    if distributed:
+        broadcast_error(error)  # also the barrier that keeps other ranks from writing into an unchecked directory
+    elif error is not None:
+        raise RanklensError(error)
+    out = Path(out)
     result_path = out / RESULT_NAME
     if result_path.exists():
+        if not main:
+            return {}
         result = read_json(result_path)
     else:
-        result = _measure(cfg, out, progress)
+        result = _measure(cfg, out, progress, distributed)
+        if result is None:
+            return {}
         result["command"] = command
         atomic_write_json(result_path, result)
     if report:
@@ -311,11 +361,12 @@ def _validate(cfg: SpectrumConfig) -> None:
             raise RanklensError(message)
 
 
-def _measure(cfg: SpectrumConfig, out: Path, progress: bool) -> dict[str, Any]:
+def _measure(cfg: SpectrumConfig, out: Path, progress: bool, distributed: bool = False) -> dict[str, Any] | None:
+    """spectrum.json's content; None on ranks other than 0 of a distributed run, once their part is merged."""
     from ranklens.data.collect import check_context_length
 
     timings: dict[str, float] = {}
-    lm = load_model(cfg.model, cfg.dtype, cfg.device)
+    lm = load_model(cfg.model, cfg.dtype, rank_device(cfg.device) if distributed else cfg.device)
     check_context_length(lm.model, cfg.context_length)
     arch = describe(lm.model)
     sites, decompose_layers = _sites(cfg, arch)
@@ -327,8 +378,10 @@ def _measure(cfg: SpectrumConfig, out: Path, progress: bool) -> dict[str, Any]:
         raise RanklensError(f"--loss-recovered sites {missing} are not among --sites; expected a subset of them")
 
     start = time.monotonic()
-    state = accumulate(lm, sites, split_sites, cfg, out / "state", progress)
+    state = accumulate(lm, sites, split_sites, cfg, out / "state", progress, distributed)
     timings["accumulate"] = time.monotonic() - start
+    if distributed and world()[0] != 0:
+        return None
 
     start = time.monotonic()
     records = []
