@@ -8,9 +8,9 @@ some of them. Values are resolved in this order: the preset, then the YAML file,
 - ``quick`` (what ``make demo`` runs): every experiment at reduced scale, within 20 minutes on a 2-core CPU; a
   100k-token spectrum of every layer; 3 seeds per cell; dictionaries of 4x the model width, 32k training tokens (64
   steps of 512), 5 sampled layers.
-- ``standard`` (the README's results table; hours on a CPU): 5 seeds per cell, 8x dictionaries, 1M training
-  tokens (4 passes over a 250k-token store of 23 sites, ~6.6 GB) with bf16 autocast, 7 layers for the dead-feature
-  sweep.
+- ``standard`` (the README's results table; ~2 hours on a 2-core CPU): 5 seeds per cell, 8x dictionaries, 400k
+  training tokens per SAE (1.6 passes over a 250k-token store of 23 sites, ~6.6 GB) with bf16 autocast, 7 layers
+  for the dead-feature sweep. Sized to finish in one sitting here (1M tokens per SAE took ~4.5 h).
 - ``paper`` (a GPU machine): the paper's sizes (App. E.1: 8x dictionaries, k = 50, batch 4,096, 800M tokens, lr 4e-5;
   App. H: 15 seeds; Section 4.2: 10M tokens per spectrum; every layer; App. O.1: Lorsa with 8x d heads in 8 QK groups
   per MHSA head, batches of 32,768 tokens, b_O starting at zero as in App. O.2).
@@ -134,7 +134,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss_points": 10,
         "compare_tokens": 50_000,
         "store_tokens": 250_000,
-        "sae_tokens": 1_000_000,
+        "sae_tokens": 400_000,
         "batch_size": 1024,
         "train_dtype": "bfloat16",
         "lr": 4e-4,
@@ -145,12 +145,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_tokens": 50_000,
         "lm_eval_tokens": 8192,
         "sweep_layers": 7,
-        "d_init_values": [32, 64, 128, 256],
+        "d_init_values": [64, 128, 256, 512],
         "k_values": [30, 50, 70],
-        "scaling_tokens": 500_000,
+        "scaling_tokens": 200_000,
         "lorsa_expansion": 2,
         "lorsa_k": 32,
-        "lorsa_tokens": 400_000,
+        "lorsa_tokens": 200_000,
         "lorsa_batch_tokens": 2048,
         "lorsa_lr": 1e-3,
         "lorsa_warmup_steps": 5,
