@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "spectrum.json",
+                        help="where the results JSON is written (also printed)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,11 +87,14 @@ def main() -> None:
         median = {name: statistics.median(t) for name, t in times.items()}
         for name in ("job_float64", "job_float32"):
             ratios[f"{kind}_ratio_{name}_vs_forward"] = median["truncated_forward"] / median[name]
-    print(json.dumps({
+    text = json.dumps({
         "model": args.model, "dtype": str(lm.dtype), "sites": len(sites), "tokens": args.tokens,
         "threads": torch.get_num_threads(), "load_average_after": os.getloadavg(), **ratios,
         "wall_seconds": wall, "cpu_seconds": cpu,
-    }, indent=1))
+    }, indent=1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ some of them. Values are resolved in this order: the preset, then the YAML file,
 - ``quick`` (what ``make demo`` runs): every experiment at reduced scale, within 20 minutes on a 2-core CPU; a
   100k-token spectrum of every layer; 3 seeds per cell; dictionaries of 4x the model width, 32k training tokens (64
   steps of 512), 5 sampled layers.
-- ``standard`` (the README's results table; ~2 hours on a 2-core CPU): 5 seeds per cell, 8x dictionaries, 400k
-  training tokens per SAE (1.6 passes over a 250k-token store of 23 sites, ~6.6 GB) with bf16 autocast, 7 layers
-  for the dead-feature sweep. Sized to finish in one sitting here (1M tokens per SAE took ~4.5 h).
+- ``standard`` (the README's results table; 68 minutes on this 2-core CPU, quiet): 5 seeds per cell, 8x
+  dictionaries, 400k training tokens per SAE (1.6 passes over a 250k-token store of 23 sites, ~6.6 GB) with bf16
+  autocast, 7 layers for the dead-feature sweep.
 - ``paper`` (a GPU machine): the paper's sizes (App. E.1: 8x dictionaries, k = 50, batch 4,096, 800M tokens, lr 4e-5;
   App. H: 15 seeds; Section 4.2: 10M tokens per spectrum; every layer; App. O.1: Lorsa with 8x d heads in 8 QK groups
   per MHSA head, batches of 32,768 tokens, b_O starting at zero as in App. O.2).
