@@ -11,12 +11,12 @@ from ranklens.cli import main
 from ranklens.reproduce import context as context_module
 from ranklens.reproduce import job
 from ranklens.reproduce.context import Context
-from ranklens.reproduce.job import EXPERIMENTS
 from ranklens.reproduce.pipeline import run_steps
 from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
 
-STEPS = ["low_rank", "wo", "activations", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa"]
+STEPS = ["low_rank", "wo", "activations", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa",
+         "budget"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def micro(tiny_dir, tmp_path_factory):
                   batch_size=256, warmup_steps=2, expansion=2, k=4, d_init=8, init_tokens=2048, eval_tokens=500,
                   lm_eval_tokens=300, sweep_layers=1, d_init_values=[4], k_values=[4],
                   scaling_expansions=[2, 4], scaling_tokens=1024, lorsa_tokens=1024, lorsa_batch_tokens=256,
-                  lorsa_k=4)
+                  lorsa_k=4, curve_tokens=[512, 1024], budget_d_init_values=[4], budget_verdict_tokens=[1024])
     path = tmp_path_factory.mktemp("micro") / "micro.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -48,7 +48,8 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
     report = (out / "report.html").read_text()
     assert "<img src=\"data:image/png;base64," in report and "src=\"http" not in report
     n_verdicts = 0
-    for module in EXPERIMENTS:
+    assert [m.NAME for m in job.selected(ReproduceConfig.load(micro))] == [n for n in STEPS if n != "activations"]
+    for module in job.selected(ReproduceConfig.load(micro)):
         step = results["steps"][module.NAME]
         assert step["wall_seconds"] > 0 and step["config"]
         assert step["verdicts"], module.NAME
@@ -114,3 +115,31 @@ def test_killed_run_continues_with_finished_work(micro, tmp_path, monkeypatch):
     records = run_steps(tmp_path, steps, Context(plan, progress=False), progress=False)
     assert len(retrained) == 1 and retrained[0] not in trained
     assert records["dead_vs_rank"]["attempts"] == 2 and len(records["dead_vs_rank"]["result"]["points"]) == 3
+
+
+def test_budget_alone_with_an_lr_sweep(micro, tmp_path):
+    """The `long` preset's shape at micro scale: experiment 9 alone (a store of the middle attention output only), a
+    learning-rate sweep whose lowest mean FVU sets experiment 9's rate, curves, and verdicts at an earlier count."""
+    values = yaml.safe_load(micro.read_text())
+    values.update(experiments=["budget"], lr_sweep=[1e-3, 3e-2], lr_sweep_tokens=1024, sae_tokens=2048,
+                  curve_tokens=[512, 1024], budget_verdict_tokens=[1024])
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(values))
+    out = tmp_path / "run"
+    assert main(["reproduce", "--config", str(path), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["steps"]) == ["activations", "lr_sweep", "budget"]
+    assert results["steps"]["activations"]["result"]["sites"] == "L1.attn_out"  # the tiny model's middle layer
+    sweep = results["steps"]["lr_sweep"]["result"]
+    fvu = {lr: sum(sweep["runs"][n]["metrics"]["nmse"] for n in ms.values()) / 2 for lr, ms in sweep["layout"]["grid"].items()}
+    assert sweep["chosen_lr"] == float(min(fvu, key=fvu.get))
+    budget = results["steps"]["budget"]
+    lay = budget["result"]["layout"]
+    assert lay["lr"] == sweep["chosen_lr"] and lay["lr_from_sweep"]
+    assert set(lay["groups"]) == {"TopK", "AuxK", "ASI (d_init 8)", "ASI (d_init 4)", "ASI + SparseAdam"}
+    assert all(f"--lr {sweep['chosen_lr']:g}" in c or f"--lr {sweep['chosen_lr']}" in c for c in budget["commands"])
+    curve = next(iter(budget["result"]["runs"].values()))["curve"]
+    assert [p["tokens"] for p in curve] == [512, 1024, 2048]
+    claims = [v["claim"] for v in budget["verdicts"]]
+    assert sum("at the end of training" in c for c in claims) == 9 and sum("after 1,024 tokens" in c for c in claims) == 8
+    assert (out / "figures" / "fig_budget_curves.png").exists()

@@ -303,3 +303,30 @@ def test_pca_projection_errors():
         proj.project(torch.zeros(2, 5))
     with pytest.raises(RanklensError, match="mean has shape"):
         PCAProjection(torch.zeros(2, D), torch.eye(D, 3))
+
+
+def test_standard_init_with_a_decoder_bias_start_fits_the_rest():
+    """b_dec starts b_D there; the norm search then minimizes the MSE of the whole SAE (brute force over the grid)."""
+    x = _low_rank_sample() + 3.0  # a large mean, as attention outputs have
+    mean = x.mean(0)
+    grid = [0.05 * 1.5**i for i in range(20)]
+    sae = _sae()
+    res = init_standard_(sae, x, norms=grid, generator=_gen(0), b_dec=mean)
+    assert torch.equal(sae.b_D.detach(), mean.to(sae.b_D.dtype)) and not sae.b_E.any()
+    unit = sae.W_D.detach() / res.norm
+    brute = []
+    for r in grid:
+        probe = copy.deepcopy(sae)
+        with torch.no_grad():
+            probe.W_E.copy_(unit * r)
+            probe.W_D.copy_(unit * r)
+        brute.append(_mse(probe, x))
+    torch.testing.assert_close(torch.tensor(res.mse), torch.tensor(brute), rtol=1e-9, atol=1e-9)
+    assert _mse(sae, x) == pytest.approx(min(brute), rel=1e-9)
+    assert _mse(sae, x) < _mse(_zero_bias_copy(x), x)
+
+
+def _zero_bias_copy(x):
+    sae = _sae()
+    init_standard_(sae, x, generator=_gen(0))
+    return sae

@@ -134,3 +134,67 @@ def test_train_sae_on_the_fly(tiny_dir, tmp_path):
     metrics = train_sae(cfg, tmp_path / "run", progress=False)
     assert metrics["source"] == "stream" and metrics["tokens"] == 2048 and 0 < metrics["nmse"] < 1.5
     assert not (tmp_path / "run" / "activations").exists()
+
+
+def test_b_dec_init_mean_is_the_mean_of_the_init_tokens(tiny_dir):
+    """--b-dec-init mean: b_D starts at the mean of the first init_tokens training activations (float64 sum)."""
+    from ranklens.data.collect import CollectConfig, collect
+    from ranklens.train.sae_job import build_sae
+
+    store = collect(CollectConfig(model=str(tiny_dir / "model"), sites="L1.attn_out", corpus=str(tiny_dir / "corpus"),
+                                  tokens=3000, context_length=64, dtype="float32"), tiny_dir / "store-bdec",
+                    progress=False)
+    rows = torch.cat(list(store.iter_tokens("L1.attn_out"))).double()[:2000]
+    for init in ("standard", "asi"):
+        cfg = _sae_cfg(tiny_dir, b_dec_init="mean", init=init, init_tokens=2000)
+        sae, info = build_sae(cfg, 32, lambda: store.iter_tokens("L1.attn_out"))
+        assert info["b_dec_init"] == "mean"
+        torch.testing.assert_close(sae.b_D.detach().double(), rows.mean(0), rtol=0, atol=1e-6)
+    sae, _ = build_sae(_sae_cfg(tiny_dir), 32, lambda: store.iter_tokens("L1.attn_out"))
+    assert not sae.b_D.any()
+
+
+def test_warmup_longer_than_its_share_is_clamped_with_a_warning(tiny_dir, tmp_path, capsys):
+    from ranklens.train.schedules import MAX_WARMUP_SHARE, capped_warmup
+
+    assert capped_warmup(500, 390) == (39, "warm-up of 500 steps is more than 10% of the 390-step run; using 39")
+    assert capped_warmup(30, 390) == (30, None) and capped_warmup(5, 3)[0] == 1 and MAX_WARMUP_SHARE == 0.1
+    train_sae(_sae_cfg(tiny_dir, warmup_steps=500), tmp_path / "run", progress=False)  # 16 steps
+    assert "warm-up of 500 steps is more than 10% of the 16-step run; using 1" in capsys.readouterr().err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == pytest.approx(1e-3)  # step 4 is past a 1-step warm-up
+
+
+def test_curve_is_logged_at_the_asked_tokens_and_survives_resume(tiny_dir, tmp_path, monkeypatch):
+    """curve.jsonl: held-out FVU and dead counts at the first step reaching each count, and at the end; a run
+    killed after an evaluation and resumed from an earlier checkpoint logs each point once, with equal values."""
+    from ranklens.train.sae_job import curve_steps
+
+    assert curve_steps([1000, 2048, 10**9], 256, 16) == [4, 8, 16] and curve_steps([], 256, 16) == []
+    cfg = _sae_cfg(tiny_dir, curve_tokens=[1000, 2048], checkpoint_every=6, dead_window_tokens=2000)
+    whole = tmp_path / "whole"
+    train_sae(cfg, whole, progress=False)
+    curve = [json.loads(x) for x in (whole / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [4, 8, 16] and [r["tokens"] for r in curve] == [1024, 2048, 4096]
+    assert all(0 < r["fvu"] < 2 and r["eval_tokens"] == 1000 for r in curve)
+    assert curve[0]["train_dead"] is None and curve[-1]["train_dead"] is not None  # a window of 2,000 tokens
+    assert curve[-1]["fvu"] == pytest.approx(json.loads((whole / "metrics.json").read_text())["nmse"], rel=1e-9)
+
+    # A run killed during step 9 (after step 8's evaluation; the last checkpoint is step 6) and rerun.
+    from ranklens.train.trainer import Trainer
+
+    real_step = Trainer._one_step
+
+    def dies_at_step_8(self, batch):
+        if self.step == 8:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(Trainer, "_one_step", dies_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(cfg, part, progress=False)
+    assert [json.loads(x)["step"] for x in (part / "curve.jsonl").read_text().splitlines()] == [4, 8]
+    monkeypatch.setattr(Trainer, "_one_step", real_step)
+    train_sae(cfg, part, progress=False)
+    assert (part / "curve.jsonl").read_text() == (whole / "curve.jsonl").read_text()

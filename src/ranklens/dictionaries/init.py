@@ -162,12 +162,14 @@ def _eval_chunk_rows(sae: SparseAutoencoder, x: torch.Tensor, chunk_rows: int | 
 
 @torch.no_grad()
 def _moments(sae: SparseAutoencoder, x: torch.Tensor, chunk: int) -> tuple[float, float, float]:
-    """(sum ||x||^2, sum <x, x_hat>, sum ||x_hat||^2) over the sample, float64."""
+    """(sum ||r||^2, sum <r, y>, sum ||y||^2) over the sample, float64, with r = x - b_D the part the features must
+    carry and y = x_hat - b_D their contribution (b_D is zero unless the caller started it elsewhere)."""
     sxx = sxy = syy = 0.0
+    b_dec = sae.b_D.detach().to(torch.float64)
     for i in range(0, x.shape[0], chunk):
         xc = x[i : i + chunk]
-        y = sae(xc)[0].to(torch.float64)
-        x64 = xc.to(torch.float64)
+        y = sae(xc)[0].to(torch.float64) - b_dec
+        x64 = xc.to(torch.float64) - b_dec
         sxx += float((x64 * x64).sum())
         sxy += float((x64 * y).sum())
         syy += float((y * y).sum())
@@ -181,14 +183,14 @@ def _norm_search(
     norms: Sequence[float] | torch.Tensor | None,
     chunk_rows: int | None,
 ) -> NormSearch:
-    """Grid search of the common row norm r minimizing the initial MSE (Appendix E.3). On entry W_D holds unit rows
-    and the biases are zero; on exit the rows are at the best r: W_E = W_D = r * unit (tied, the paper's init), or,
+    """Grid search of the common row norm r minimizing the initial MSE (Appendix E.3). On entry W_D holds unit rows,
+    b_E is zero and b_D is zero or a given start (the data mean); on exit the rows are at the best r: W_E = W_D = r * unit (tied, the paper's init), or,
     with normalize_decoder, W_D = unit and W_E = r * unit (the encoder is then the only place the scale can live).
 
-    Nothing is copied: with zero biases the decoder is linear, so x_hat(r) = dec(r) * y(r) with y(r) the output for
+    Nothing is copied: with b_E = 0 the decoder's feature part is linear, so x_hat(r) - b_D = dec(r) * y(r) with y(r) the output for
     encoder rows at norm r and unit decoder rows, dec(r) = r (tied) or 1. For topk, batchtopk and relu the code is
     moreover positively homogeneous in the encoder scale, y(r) = r * y(1), so every grid value's MSE is the exact
-    quadratic (sum||x||^2 - 2 s sum<x,y> + s^2 sum||y||^2) / N, s = r * dec(r), from ONE forward pass. JumpReLU's
+    quadratic (sum||x'||^2 - 2 s sum<x',y> + s^2 sum||y||^2) / N, x' = x - b_D, s = r * dec(r), from ONE forward pass. JumpReLU's
     threshold breaks that homogeneity, so each grid value gets its own forward pass.
     """
     n_tok = x.shape[0]
@@ -229,9 +231,13 @@ def init_standard_(
     norms: Sequence[float] | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    b_dec: torch.Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> NormSearch:
     """The standard initialization of Appendix E.3, in place; returns the norm search.
+
+    ``b_dec`` [d_in] starts the decoder bias there instead of at zero (e.g. the data mean, ``b_dec_init: mean`` of
+    ``ranklens train sae``); the norm search then fits the features' part x - b_D.
 
     Decoder rows are drawn from U(-1, 1)^d_in and scaled to a common norm r, W_E = W_D (the paper's W_E = W_D^T in
     its column convention), b_E = b_D = 0 (and theta = jumprelu_init_threshold for JumpReLU). r minimizes the initial
@@ -257,6 +263,8 @@ def init_standard_(
         _fill_uniform_unit_rows_(sae.W_D.data, generator)
         sae.b_E.zero_()
         sae.b_D.zero_()
+        if b_dec is not None:
+            sae.b_D.copy_(b_dec.to(sae.b_D))
         if sae.log_threshold is not None:
             sae.log_threshold.fill_(math.log(sae.config.jumprelu_init_threshold))
     return _norm_search(sae, x, norms, chunk_rows)

@@ -102,8 +102,8 @@ class HeldOutSet:
         return self._baselines[site]
 
     @torch.no_grad()
-    def evaluate(self, sae: SparseAutoencoder, site: str) -> dict:
-        """FVU, L0 and dead features over the evaluation tokens, and the spliced LM loss (causal models)."""
+    def reconstruction(self, sae: SparseAutoencoder, site: str) -> dict:
+        """FVU, L0 and dead features over the evaluation tokens."""
         if self.arch.site_dim(Site.parse(site)) != sae.d_in:
             raise RanklensError(f"site {site} has dimension {self.arch.site_dim(Site.parse(site))} but the SAE "
                                 f"expects d_in={sae.d_in}")
@@ -113,7 +113,12 @@ class HeldOutSet:
             x_hat, code = sae(x)
             fired = code.indices[code.active_mask()] if code.is_sparse else code.active_mask().nonzero()[:, 1]
             metrics.update(x, x_hat, fired)
-        result = metrics.result()
+        return metrics.result()
+
+    @torch.no_grad()
+    def evaluate(self, sae: SparseAutoencoder, site: str) -> dict:
+        """FVU, L0 and dead features over the evaluation tokens, and the spliced LM loss (causal models)."""
+        result = self.reconstruction(sae, site)
         if not self.arch.causal:
             print(f"note: {self.lm.name} is not a causal LM; skipping the spliced LM loss", file=sys.stderr)
             return result

@@ -72,6 +72,39 @@ def metric_panels(panels: Sequence[Panel], path: Path, title: str | None = None)
     return save_figure(fig, path)
 
 
+def curve_panels(panels: Sequence[Panel], path: Path, title: str | None = None) -> Path:
+    """Side-by-side panels of lines with a +-std band against x (training curves; x on a log10 axis when logx),
+    panels lettered A, B, ... and one legend below them all."""
+    if not panels or not any(any(pts for pts in p.series.values()) for p in panels):
+        raise ValueError("curve_panels: nothing to draw; expected at least one series with points")
+    fig, axes = _figure(len(panels))
+    fallback = iter(["#2ca02c", "#8c564b", "#e377c2", "#17becf", "#bcbd22"])
+    colors: dict[str, str] = {}
+    for letter, ax, panel in zip("ABCDEFGH", axes, panels, strict=False):
+        for label, points in panel.series.items():
+            pts = sorted(points)
+            if not pts:
+                continue
+            color = colors.setdefault(label, METHOD_COLORS.get(label) or next(fallback, None))
+            xs, means, stds = (list(v) for v in zip(*pts, strict=True))
+            ax.plot(xs, means, color=color, marker="o", markersize=3, linewidth=1.4, label=label)
+            lo = [m - (0 if s != s else s) for m, s in zip(means, stds, strict=True)]
+            hi = [m + (0 if s != s else s) for m, s in zip(means, stds, strict=True)]
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+        if panel.logx:
+            ax.set_xscale("log")
+        if panel.logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(letter, loc="left", fontweight="bold")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(5, len(labels)), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
 def dead_vs_erank(points: Sequence[Mapping], path: Path, title: str | None = None) -> Path:
     """Figure 5: dead-feature fraction per layer (left) and against the site's effective rank (right).
     Each point: site, layer, kind, effective_rank, dead_fraction."""

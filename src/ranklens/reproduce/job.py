@@ -23,11 +23,13 @@ from ranklens.reproduce.commands import cli_command
 from ranklens.reproduce.context import Context
 from ranklens.reproduce.experiments import (
     asi,
+    budget,
     controls,
     dead_subspace,
     dead_vs_rank,
     lorsa,
     low_rank,
+    lr_sweep,
     scaling,
     wo,
 )
@@ -36,7 +38,18 @@ from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
 from ranklens.rundir import prepare_run_dir
 
-EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa]
+EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa, lr_sweep, budget]
+# Experiments that read another's record: the W_O analysis reads the spectrum job's.
+NEEDS = {"wo": "low_rank"}
+
+
+def selected(cfg: ReproduceConfig) -> list:
+    """The experiment modules this run runs, in pipeline order: those asked for, what they need, and the lr sweep
+    before experiment 9 when the preset sweeps."""
+    names = set(cfg.experiments) | {NEEDS[n] for n in cfg.experiments if n in NEEDS}
+    if "budget" in names and cfg.lr_sweep:
+        names.add("lr_sweep")
+    return [m for m in EXPERIMENTS if m.NAME in names]
 
 
 def activations_step(plan: Plan) -> Step:
@@ -53,8 +66,10 @@ def activations_step(plan: Plan) -> Step:
 
 
 def steps(plan: Plan) -> list[Step]:
-    first, rest = EXPERIMENTS[:2], EXPERIMENTS[2:]
-    return [m.step(plan) for m in first] + [activations_step(plan)] + [m.step(plan) for m in rest]
+    chosen = selected(plan.cfg)
+    first = [m for m in chosen if m in (low_rank, wo)]
+    rest = [m for m in chosen if m not in first]
+    return [m.step(plan) for m in first] + ([activations_step(plan)] if rest else []) + [m.step(plan) for m in rest]
 
 
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True, command: str | None = None,
@@ -67,4 +82,4 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True, comm
     records = run_steps(out, steps(plan), Context(plan, progress), progress)
     info = {"n_layers": plan.shape.n_layers, "d_model": plan.shape.d_model, "middle_layer": plan.mid,
             "sweep_layers": plan.sweep_layers, "main_site": plan.main_site, "resid_site": plan.resid_site}
-    return report.build(out, cfg, info, EXPERIMENTS, records, command)
+    return report.build(out, cfg, info, selected(cfg), records, command)

@@ -81,7 +81,9 @@ def run_step(out: Path, step: Step, context: Any) -> dict[str, Any]:
         seconds = earlier["seconds"] + time.monotonic() - start
         atomic_write_json(partial_path, {"seconds": seconds, "attempts": earlier["attempts"] + 1})
         raise
-    record = {"name": step.name, "title": step.title, "config": _plain(step.config), "commands": list(step.commands),
+    # A step whose runs are only known once it ran (they depend on an earlier step's result) returns its commands.
+    commands = result.pop("commands", None) or list(step.commands)
+    record = {"name": step.name, "title": step.title, "config": _plain(step.config), "commands": commands,
               "wall_seconds": earlier["seconds"] + time.monotonic() - start, "attempts": earlier["attempts"] + 1,
               "finished": datetime.now(UTC).isoformat(timespec="seconds"), "result": result}
     atomic_write_json(step_path(out, step.name), record)

@@ -71,6 +71,7 @@ class Cell:
     seed: int
     tokens: int
     d_init: int | str | None = None
+    lr: float | None = None  # None: the run's `lr`
 
     @property
     def name(self) -> str:
@@ -78,8 +79,10 @@ class Cell:
         parts = [self.site, init + ("" if self.d_init is None else f"{self.d_init}"), optimizer]
         if auxk:
             parts.append("auxk")
-        parts += [f"x{self.expansion}", f"k{self.k}", f"t{self.tokens}", f"s{self.seed}"]
-        return "-".join(parts)
+        parts += [f"x{self.expansion}", f"k{self.k}", f"t{self.tokens}"]
+        if self.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        return "-".join(parts + [f"s{self.seed}"])
 
 
 class Plan:
@@ -96,10 +99,18 @@ class Plan:
 
     @property
     def store_sites(self) -> list[str]:
-        """The sweep's sites and the middle layer's attention output, residual stream and attention input (Lorsa's
-        input, beside its target attn_out)."""
-        return sorted(set(self.sweep_sites) | {self.main_site, self.resid_site, f"L{self.mid}.attn_in"},
-                      key=lambda s: (int(s[1:].split(".")[0]), s))
+        """The sites the run's experiments train on: the middle layer's attention output always; the sweep's sites
+        (dead features against rank), the residual stream (controls) and the attention input (Lorsa's input, beside
+        its target attn_out) when those experiments run."""
+        wanted = {self.main_site}
+        run = set(self.cfg.experiments)
+        if "dead_vs_rank" in run:
+            wanted |= set(self.sweep_sites)
+        if "controls" in run:
+            wanted.add(self.resid_site)
+        if "lorsa" in run:
+            wanted.add(f"L{self.mid}.attn_in")
+        return sorted(wanted, key=lambda s: (int(s[1:].split(".")[0]), s))
 
     def collect_config(self) -> CollectConfig:
         c = self.cfg
@@ -108,12 +119,14 @@ class Plan:
                              device=c.device)
 
     def cell(self, method: str, *, site: str | None = None, expansion: int | None = None, k: int | None = None,
-             seed: int | None = None, tokens: int | None = None, d_init: int | str | None = None) -> Cell:
+             seed: int | None = None, tokens: int | None = None, d_init: int | str | None = None,
+             lr: float | None = None) -> Cell:
         c = self.cfg
         init = METHODS[method][0]
         return Cell(site=site or self.main_site, method=method, expansion=expansion or c.expansion, k=k or c.k,
                     seed=c.seed if seed is None else seed, tokens=tokens or c.sae_tokens,
-                    d_init=None if init == "standard" else (c.d_init if d_init is None else d_init))
+                    d_init=None if init == "standard" else (c.d_init if d_init is None else d_init),
+                    lr=None if lr is None or lr == c.lr else lr)
 
     def cells(self, method: str, **kwargs) -> list[Cell]:
         """The cell of `method` once per seed."""
@@ -126,7 +139,8 @@ class Plan:
             model=c.model, site=cell.site, corpus=c.corpus, store=str(self.store_dir), tokens=cell.tokens,
             batch_size=c.batch_size, expansion=cell.expansion, k=cell.k, init=init,
             d_init=cell.d_init if cell.d_init is not None else "auto", init_tokens=c.init_tokens,
-            optimizer=optimizer, lr=c.lr, warmup_steps=c.warmup_steps, aux_k=c.aux_k if auxk else 0,
+            b_dec_init=c.b_dec_init, optimizer=optimizer, lr=c.lr if cell.lr is None else cell.lr,
+            warmup_steps=c.warmup_steps, aux_k=c.aux_k if auxk else 0, curve_tokens=c.curve_tokens,
             shuffle_buffer_tokens=max(2 * c.batch_size, min(SHUFFLE_BUFFER_TOKENS, c.store_tokens)),
             eval_tokens=c.eval_tokens, lm_eval_tokens=c.lm_eval_tokens, seed=cell.seed,
             context_length=c.context_length, dtype=c.dtype, train_dtype=c.train_dtype, device=c.device)

@@ -1,4 +1,4 @@
-"""The configuration of `ranklens reproduce` and its three presets.
+"""The configuration of `ranklens reproduce` and its four presets.
 
 ``ReproduceConfig`` is one flat, typed config (unknown keys are an error), so every field is also a CLI flag and a
 YAML key. A preset is a named set of field values: ``quick`` is the class defaults, ``standard`` and ``paper`` override
@@ -11,10 +11,15 @@ some of them. Values are resolved in this order: the preset, then the YAML file,
 - ``standard`` (the README's results table; 68 minutes on this 2-core CPU, quiet): 5 seeds per cell, 8x
   dictionaries, 400k training tokens per SAE (1.6 passes over a 250k-token store of 23 sites, ~6.6 GB) with bf16
   autocast, 7 layers for the dead-feature sweep.
+- ``long`` (experiment 9 alone, about four hours here): TopK, AuxK, ASI (the auto d_init and 256) and ASI +
+  SparseAdam at the middle layer's attention output, 3 seeds, the paper's batch of 4,096, 20M training tokens per SAE
+  from a 2M-token store read for 10 epochs, a learning rate chosen by a sweep at this batch, and held-out curves.
 - ``paper`` (a GPU machine): the paper's sizes (App. E.1: 8x dictionaries, k = 50, batch 4,096, 800M tokens, lr 4e-5;
   App. H: 15 seeds; Section 4.2: 10M tokens per spectrum; every layer; App. O.1: Lorsa with 8x d heads in 8 QK groups
   per MHSA head, batches of 32,768 tokens, b_O starting at zero as in App. O.2).
 
+Every SAE's b_D starts at the mean of its training data in ``quick``, ``standard`` and ``long``, whatever its init
+(``b_dec_init``), so the comparison of inits is not decided by who carries the mean; ``paper`` keeps App. E.3's zero.
 Lorsa's output bias starts at the target's mean in ``quick`` and ``standard`` for both inits
 (``lorsa_output_bias``): their budgets of tens to hundreds of steps cannot move b_O from zero to a mean of norm ~20,
 which would leave every Lorsa with an FVU above 1 and hide what the heads learn.
@@ -31,11 +36,13 @@ from pydantic import field_validator
 from ranklens.config import Config
 from ranklens.errors import RanklensError
 
-Preset = Literal["quick", "standard", "paper"]
+Preset = Literal["quick", "standard", "long", "paper"]
+EXPERIMENT_NAMES = ("low_rank", "wo", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa", "budget")
 
 
 class ReproduceConfig(Config):
     preset: Preset = "quick"
+    experiments: list[str] = list(EXPERIMENT_NAMES)  # which experiments to run (the shared steps they need come along)
     model: str = "smollm2-135m"
     corpus: str = "default"
     compare_corpora: list[str] = ["prose", "code", "zh"]  # Figure 2 right: the middle layer on each corpus
@@ -62,6 +69,12 @@ class ReproduceConfig(Config):
     k: int = 32
     d_init: int | Literal["auto"] = "auto"  # the main ASI subspace dimension (App. E.1 uses 768 of 4096)
     aux_k: int = 512  # the AuxK baseline (App. E.1)
+    # b_D's start for every SAE of the run, whatever its init: App. E.3's zero, or the training data's mean. Short runs
+    # need "mean": b_D moves ~lr per step and cannot learn a mean that carries ~40% of E||x||^2 in a few hundred steps.
+    b_dec_init: Literal["zero", "mean"] = "mean"
+    # Held-out FVU and dead features of every SAE during training (curve.jsonl), at these training-token counts and at
+    # the end; the budget experiment draws them and judges its verdicts at `budget_verdict_tokens` too.
+    curve_tokens: list[int] = [4096, 8192, 16_384]
     # bf16 autocast of the SAE and Lorsa matmuls (fp32 weights and Adam): 1.4x the float32 speed at 4,608 features
     # here, same training FVU to 4 digits (0.1943 vs 0.1942 after 200 steps on SmolLM2 L15.attn_out)
     train_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -86,10 +99,18 @@ class ReproduceConfig(Config):
     lorsa_warmup_steps: int = 1
     # "mean" for both inits: a short run cannot move b_O from zero to the target's mean (see LorsaTrainConfig)
     lorsa_output_bias: Literal["zero", "mean"] = "mean"
+    # Experiment 9: TopK, AuxK, ASI (d_init and these extra values) and ASI + SparseAdam over training tokens.
+    budget_d_init_values: list[int] = [128]
+    budget_verdict_tokens: list[int] = [400_000]  # verdicts also stated here (when the run is longer)
+    # A learning-rate sweep before experiment 9 (TopK and ASI, first seed, `lr_sweep_tokens` each): its lr with the
+    # lowest mean held-out FVU replaces `lr` for experiment 9. Empty: no sweep.
+    lr_sweep: list[float] = []
+    lr_sweep_tokens: int = 1_000_000
     zpattern_text: str = ("When Mary and John went to the store, John gave a drink to Mary. The store was closed, so "
                           "they walked home.")
 
-    @field_validator("compare_corpora", "compare_models", "d_init_values", "k_values", "scaling_expansions",
+    @field_validator("experiments", "compare_corpora", "compare_models", "d_init_values", "k_values",
+                     "scaling_expansions", "curve_tokens", "budget_d_init_values", "budget_verdict_tokens", "lr_sweep",
                      mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -120,6 +141,14 @@ class ReproduceConfig(Config):
         if preset not in PRESETS:
             raise RanklensError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
         return cls.build({**PRESETS[preset], **values}, source=str(path) if path else "arguments")
+
+    @field_validator("experiments")
+    @classmethod
+    def _known_experiments(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in EXPERIMENT_NAMES]
+        if unknown:
+            raise ValueError(f"unknown experiments {unknown}; expected names from {', '.join(EXPERIMENT_NAMES)}")
+        return value
 
     def seed_list(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
@@ -154,6 +183,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lorsa_batch_tokens": 2048,
         "lorsa_lr": 1e-3,
         "lorsa_warmup_steps": 5,
+        "curve_tokens": [50_000, 100_000, 200_000],
+        "budget_d_init_values": [256],
+    },
+    # Experiment 9 alone, for as long as this machine can afford (about four hours on 2 cores): does ASI's advantage
+    # appear with budget? The paper's batch of 4,096; 20M training tokens per SAE read as 10 epochs of a 2M-token store
+    # (each epoch in a new shard order through the refilling shuffle buffer); dead window a quarter of the run (5M).
+    "long": {
+        "experiments": ["budget"],
+        "seeds": 3,
+        "store_tokens": 2_000_000,
+        "sae_tokens": 20_000_000,
+        "batch_size": 4096,
+        "train_dtype": "bfloat16",
+        "warmup_steps": 50,
+        "expansion": 8,
+        "k": 50,
+        "init_tokens": 200_000,
+        "eval_tokens": 100_000,
+        "lm_eval_tokens": 16_384,
+        "curve_tokens": [100_000, 200_000, 400_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000],
+        "budget_d_init_values": [256],
+        "lr_sweep": [1e-4, 2e-4, 4e-4, 8e-4],
+        "lr_sweep_tokens": 4_000_000,
     },
     "paper": {
         "seeds": 15,
@@ -185,5 +237,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lorsa_lr": 2e-4,
         "lorsa_warmup_steps": 500,
         "lorsa_output_bias": "zero",  # App. O.2; 800M tokens leave b_O time to learn the mean
+        "b_dec_init": "zero",  # App. E.3; 800M tokens leave b_D time to learn the mean
+        "curve_tokens": [1_000_000, 10_000_000, 100_000_000],
+        "budget_d_init_values": [256, 2048],
     },
 }

@@ -42,24 +42,38 @@ def scale(cfg: ReproduceConfig, plan_info: dict[str, Any]) -> dict[str, Any]:
     d = plan_info["d_model"]
     base = ReproduceConfig.load(preset=cfg.preset)
     overrides = [f"{k}={v}" for k, v in cfg.model_dump().items() if v != getattr(base, k)]
-    return {
+    ran = set(cfg.experiments)
+    rows: dict[str, Any] = {
         "preset": cfg.preset + (f" with {', '.join(overrides)}" if overrides else ""),
+        "experiments": ", ".join(cfg.experiments),
         "model": f"{cfg.model} ({plan_info['n_layers']} layers, d = {d}); middle layer {plan_info['middle_layer']}",
         "corpus": cfg.corpus,
-        "spectrum tokens per site": cfg.spectrum_tokens,
-        "comparison tokens per setting": cfg.compare_tokens,
-        "loss-recovered tokens": cfg.loss_tokens,
+    }
+    if ran & {"low_rank", "wo"}:
+        rows.update({"spectrum tokens per site": cfg.spectrum_tokens,
+                     "comparison tokens per setting": cfg.compare_tokens, "loss-recovered tokens": cfg.loss_tokens})
+    rows.update({
         "SAE store tokens": cfg.store_tokens,
         "SAE training tokens": f"{cfg.sae_tokens:,} (scaling: {cfg.scaling_tokens:,}), batch {cfg.batch_size:,}",
         "SAE size": f"{cfg.expansion}x d = {cfg.expansion * d:,} features, k = {cfg.k}, d_init = {cfg.d_init}",
+        "SAE b_D start (every init)": cfg.b_dec_init,
         "seeds per cell": cfg.seeds,
-        "layers of the dead-feature sweep": ", ".join(map(str, plan_info["sweep_layers"])),
-        "d_init sweep": ", ".join(map(str, cfg.d_init_values)),
-        "k sweep": ", ".join(map(str, sorted(set(cfg.k_values) | {cfg.k}))),
-        "dictionary sizes (scaling)": ", ".join(f"{e}x" for e in cfg.scaling_expansions),
-        "held-out tokens (FVU / LM loss)": f"{cfg.eval_tokens:,} / {cfg.lm_eval_tokens:,}",
-        "significance level": cfg.alpha,
-    }
+    })
+    if "dead_vs_rank" in ran:
+        rows["layers of the dead-feature sweep"] = ", ".join(map(str, plan_info["sweep_layers"]))
+    if "asi" in ran:
+        rows["d_init sweep"] = ", ".join(map(str, cfg.d_init_values))
+        rows["k sweep"] = ", ".join(map(str, sorted(set(cfg.k_values) | {cfg.k})))
+    if "scaling" in ran:
+        rows["dictionary sizes (scaling)"] = ", ".join(f"{e}x" for e in cfg.scaling_expansions)
+    if "budget" in ran:
+        rows["curve points (training tokens)"] = ", ".join(f"{t:,}" for t in cfg.curve_tokens) + ", end"
+        if cfg.lr_sweep:
+            rows["learning-rate sweep"] = (f"{', '.join(f'{lr:g}' for lr in cfg.lr_sweep)} over "
+                                           f"{cfg.lr_sweep_tokens:,} tokens")
+    rows["held-out tokens (FVU / LM loss)"] = f"{cfg.eval_tokens:,} / {cfg.lm_eval_tokens:,}"
+    rows["significance level"] = cfg.alpha
+    return rows
 
 
 def build(out: Path, cfg: ReproduceConfig, plan_info: dict[str, Any], experiments: list, records: dict[str, Any],

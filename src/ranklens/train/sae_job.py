@@ -12,10 +12,12 @@ Steps, each resumable in the run directory:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from pydantic import field_validator
 
 from ranklens.config import Config
 from ranklens.data.collect import CollectConfig, collect
@@ -39,6 +41,7 @@ from ranklens.spectrum.accumulator import CovarianceAccumulator
 from ranklens.spectrum.stats import principal_basis
 from ranklens.train.dead import dead_window
 from ranklens.train.sae_objective import SAEObjective
+from ranklens.train.schedules import capped_warmup
 from ranklens.train.trainer import Trainer, TrainSettings
 
 METRICS_NAME = "metrics.json"
@@ -65,6 +68,9 @@ class SAETrainConfig(Config):
     init: Literal["standard", "asi", "random-subspace"] = "standard"
     d_init: int | Literal["auto"] = "auto"
     init_tokens: int = 100_000  # tokens behind the ASI basis (a covariance accumulator, not one batch)
+    # b_D's start: zero (App. E.3) or the mean of the first init_tokens training tokens. Why offer "mean": b_D moves
+    # at most ~lr per Adam step, so in a short run the features must carry a large activation mean themselves.
+    b_dec_init: Literal["zero", "mean"] = "zero"
     optimizer: Literal["adam", "sparseadam"] = "adam"
     bias_correction: Literal["per_row", "per_tensor"] = "per_row"
     lr: float = 4e-4
@@ -82,7 +88,14 @@ class SAETrainConfig(Config):
     device: str = "cpu"
     checkpoint_every: int = 500
     log_every: int = 50
+    # Held-out FVU and dead features during training (DIR/curve.jsonl), at the first step reaching each count.
+    curve_tokens: list[int] = []
     wandb_project: str | None = None
+
+    @field_validator("curve_tokens", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [int(v) for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
 def _k(cfg: SAETrainConfig) -> int | None:
@@ -128,10 +141,22 @@ def _take(chunks, n: int) -> torch.Tensor:
     return torch.cat(rows)[:n]
 
 
+def _mean(chunks, n: int) -> torch.Tensor:
+    """Mean (float64) of the first n rows of an iterator of activation chunks [m, d]."""
+    total, seen = None, 0
+    for chunk in chunks:
+        rows = chunk[: n - seen].double()
+        total = rows.sum(0) if total is None else total + rows.sum(0)
+        seen += rows.shape[0]
+        if seen >= n:
+            break
+    return total / seen
+
+
 def build_sae(cfg: SAETrainConfig, d: int, activations) -> tuple[SparseAutoencoder, dict]:
     """The SAE with the configured initialization; `activations()` gives a fresh iterator of training activation
-    chunks [m, d] (the norm search uses one batch of them, ASI's covariance `init_tokens`). Returns the SAE and a
-    description of the init for the metrics."""
+    chunks [m, d] (the norm search uses one batch of them, ASI's covariance and b_D's mean `init_tokens`). Returns
+    the SAE and a description of the init for the metrics."""
     n_features = _checks(cfg, d)
     sae_cfg = SAEConfig(d_in=d, n_features=n_features, activation=cfg.activation,
                         k=_k(cfg), normalize_decoder=cfg.normalize_decoder,
@@ -139,8 +164,9 @@ def build_sae(cfg: SAETrainConfig, d: int, activations) -> tuple[SparseAutoencod
     sae = SparseAutoencoder(sae_cfg).to(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
     sample = _take(activations(), cfg.batch_size).to(cfg.device)
-    info: dict = {"init": cfg.init, "d_init": None}
-    init_standard_(sae, sample, generator=generator)
+    info: dict = {"init": cfg.init, "d_init": None, "b_dec_init": cfg.b_dec_init}
+    b_dec = _mean(activations(), cfg.init_tokens).to(cfg.device) if cfg.b_dec_init == "mean" else None
+    init_standard_(sae, sample, generator=generator, b_dec=b_dec)
     if cfg.init == "standard":
         return sae, info
     acc = CovarianceAccumulator(d)
@@ -195,8 +221,11 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: L
         source = training_held_out(cfg, lm, out)
     held_out = _held_out_set(cfg, lm, source, held_out)  # also checks the corpus is long enough, up front
     window = cfg.dead_window_tokens or dead_window(cfg.tokens)
+    warmup, warning = capped_warmup(cfg.warmup_steps, total_steps)
+    if warning:
+        print(f"ranklens: warning: {warning}", file=sys.stderr)
     settings = TrainSettings(total_steps=total_steps, lr=cfg.lr, optimizer=cfg.optimizer,
-                             bias_correction=cfg.bias_correction, warmup_steps=cfg.warmup_steps,
+                             bias_correction=cfg.bias_correction, warmup_steps=warmup,
                              k=_k(cfg), k_initial=cfg.k_initial,
                              k_anneal_fraction=cfg.k_anneal_fraction, dead_window_tokens=window,
                              checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
@@ -204,20 +233,33 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: L
     autocast = resolve_dtype(cfg.train_dtype)
     objective = SAEObjective(sae, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient, autocast_dtype=autocast)
     trainer = Trainer(objective, settings, out, progress=progress)
-    trainer.train(batches)
+
+    def curve_point() -> dict:
+        r = held_out.reconstruction(sae, cfg.site)
+        full = trainer.tracker.tokens_seen >= window  # the training count means something once a window has passed
+        return {"fvu": r["nmse"], "l0": r["l0"], "eval_dead": r["eval_dead_features"], "eval_tokens": r["eval_tokens"],
+                "train_dead": int(trainer.tracker.n_dead(window)) if full else None, "dead_window_tokens": window}
+
+    trainer.train(batches, curve_point, curve_steps(cfg.curve_tokens, cfg.batch_size, total_steps))
     train_dead = int(trainer.tracker.n_dead(window))
     from ranklens.dictionaries.saelens import save_saelens
 
     save_saelens(sae, out / SAE_DIR, model=cfg.model, site=cfg.site, context_length=cfg.context_length,
                  corpus=cfg.corpus, extra={"ranklens_config": cfg.model_dump(mode="json"), **init_info})
     result = {"n_features": sae.n_features, "k": _k(cfg),
-              "init": cfg.init, "d_init": init_info["d_init"], "tokens": total_steps * cfg.batch_size,
+              "init": cfg.init, "d_init": init_info["d_init"], "b_dec_init": cfg.b_dec_init, "tokens": total_steps * cfg.batch_size,
               "optimizer": cfg.optimizer, "aux_k": cfg.aux_k, "dead_features": train_dead,
               "dead_fraction": train_dead / sae.n_features, "dead_window_tokens": window,
               "source": cfg.source, "store_tokens": store_tokens}
     result.update(held_out.evaluate(sae, cfg.site))
     atomic_write_json(metrics_path, result)
     return result
+
+
+def curve_steps(tokens: list[int], batch_size: int, total_steps: int) -> list[int]:
+    """The first step reaching each token count (within the run), plus the last step when any is asked for."""
+    steps = {min(total_steps, max(1, -(-t // batch_size))) for t in tokens if t > 0}
+    return sorted(steps | {total_steps}) if steps else []
 
 
 def _held_out_set(cfg: SAETrainConfig, lm: LoadedModel, source: HeldOutSource, given: HeldOutSet | None,

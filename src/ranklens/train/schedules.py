@@ -18,7 +18,11 @@ from collections.abc import Callable
 
 from ranklens.errors import RanklensError
 
-__all__ = ["k_schedule", "l1_warmup", "lr_lambda", "lr_multiplier"]
+__all__ = ["MAX_WARMUP_SHARE", "capped_warmup", "k_schedule", "l1_warmup", "lr_lambda", "lr_multiplier"]
+
+# The most of a run the learning-rate warm-up may take. The paper's 500 of ~195k steps is 0.26%; a fixed 500 on a
+# run of a few hundred steps would spend most of it warming up, which is a different experiment.
+MAX_WARMUP_SHARE = 0.1
 
 
 def _int(name: str, value: object, minimum: int) -> int:
@@ -75,6 +79,16 @@ def lr_multiplier(
         return 1.0
     remaining = (total_steps - 1 - step) / decay_steps  # in [0, 1): exactly 0 at the last step
     return min(1.0, final_fraction + (1.0 - final_fraction) * remaining)
+
+
+def capped_warmup(warmup_steps: int, total_steps: int, max_share: float = MAX_WARMUP_SHARE) -> tuple[int, str | None]:
+    """(warm-up steps to use, a warning or None): ``warmup_steps`` capped at ``max_share`` of the run (at least one
+    step when warm-up was asked for), with a warning that names both numbers when the cap applies."""
+    cap = max(1, int(max_share * total_steps))
+    if warmup_steps <= cap:
+        return warmup_steps, None
+    return cap, (f"warm-up of {warmup_steps} steps is more than {max_share:.0%} of the {total_steps}-step run; "
+                 f"using {cap}")
 
 
 def lr_lambda(

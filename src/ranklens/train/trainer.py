@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +32,7 @@ from ranklens.train.schedules import k_schedule, lr_multiplier
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+CURVE_NAME = "curve.jsonl"  # held-out evaluations during training (``Trainer.train(evaluate=..., eval_steps=...)``)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Objective(Protocol):
 
 
 BatchSource = Callable[[int], Iterator[Any]]  # start step -> batches from that step on
+Evaluator = Callable[[], dict[str, float]]  # held-out metrics of the dictionary as it is now
 
 
 @dataclass(frozen=True)
@@ -124,15 +126,20 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.step = state["step"]
-        self._truncate_metrics()
+        for name in (METRICS_NAME, CURVE_NAME):
+            self._truncate_log(name)
         return True
 
-    def _truncate_metrics(self) -> None:
-        """Drop metric lines logged after the checkpoint, so a resumed run logs each step once."""
-        path = self.run_dir / METRICS_NAME
+    def _truncate_log(self, name: str) -> None:
+        """Drop lines logged after the checkpoint, so a resumed run logs each step once."""
+        path = self.run_dir / name
         if path.exists():
             keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        with open(self.run_dir / name, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------------ training
 
@@ -146,8 +153,11 @@ class Trainer:
         s = self.settings
         return s.lr * lr_multiplier(self.step, s.total_steps, s.warmup_steps, s.decay_fraction)
 
-    def train(self, batches: BatchSource) -> None:
-        """Run (or resume) until `total_steps`; checkpoints at the end."""
+    def train(self, batches: BatchSource, evaluate: Evaluator | None = None, eval_steps: Iterable[int] = ()) -> None:
+        """Run (or resume) until `total_steps`; checkpoints at the end. After each step in `eval_steps`, the row
+        `evaluate()` returns (held-out metrics) is appended to curve.jsonl with the step and the tokens seen; an
+        evaluation is part of its step, so a resumed run redoes exactly those after its checkpoint."""
+        eval_steps = set(eval_steps) if evaluate is not None else set()
         self.load_checkpoint()
         s = self.settings
         bar = tqdm(total=s.total_steps, initial=self.step, unit="step", desc="train", disable=not self.progress,
@@ -170,6 +180,8 @@ class Trainer:
                 self._log(window, started, tokens_at_start)
                 bar.set_postfix(fvu=f"{window[-1].get('fvu', float('nan')):.4f}")
                 window = []
+            if self.step in eval_steps:
+                self._append(CURVE_NAME, {"step": self.step, "tokens": int(self.tracker.tokens_seen), **evaluate()})
             if self.step % s.checkpoint_every == 0 or self.step == s.total_steps:
                 self.save_checkpoint()
         bar.close()
@@ -201,8 +213,7 @@ class Trainer:
         row["dead_window_tokens"] = self.settings.dead_window_tokens
         elapsed = time.monotonic() - started
         row["tokens_per_second"] = (int(self.tracker.tokens_seen) - tokens_at_start) / elapsed if elapsed > 0 else 0.0
-        with open(self.run_dir / METRICS_NAME, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(METRICS_NAME, row)
         if self._wandb is not None:
             self._wandb.log(row, step=self.step)
 

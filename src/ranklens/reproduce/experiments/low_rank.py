@@ -35,7 +35,8 @@ STABLE_CV = 0.01  # App. C: CV of the effective rank below 1% counts as stable (
 
 def spectrum_config(plan: Plan) -> SpectrumConfig:
     """The spectrum job; batches small enough that each of the App. C splits gets at least two of them (splits are
-    dealt batches round-robin), and a checkpoint every minute so a killed run loses little."""
+    dealt batches round-robin), a checkpoint every minute so a killed run loses little, and the footnote-3 outlier
+    exclusion (activations whose norm exceeds mean + 5 sigma are dropped), as the paper measures."""
     c = plan.cfg
     mid3 = ",".join(f"Lmid.{k}" for k in MAIN_KINDS)
     compare = [f"corpus={x}" for x in c.compare_corpora if x != c.corpus]
@@ -43,7 +44,8 @@ def spectrum_config(plan: Plan) -> SpectrumConfig:
     return SpectrumConfig(model=c.model, sites="L*.attn_out,L*.attn_z,L*.mlp_out,L*.resid_post", corpus=c.corpus,
                           tokens=c.spectrum_tokens, context_length=c.context_length, seed=c.seed, dtype=c.dtype,
                           batch_tokens=min(8192, max(512, c.spectrum_tokens // (2 * c.splits))),
-                          device=c.device, gram_dtype="float32", splits=c.splits, stability_sites=mid3,
+                          device=c.device, gram_dtype="float32", exclude_outliers=True, splits=c.splits,
+                          stability_sites=mid3,
                           loss_recovered=mid3, loss_tokens=c.loss_tokens, loss_points=c.loss_points,
                           decompose="mid", compare=",".join(compare) or None, compare_tokens=c.compare_tokens,
                           checkpoint_seconds=60)
@@ -135,7 +137,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     mid = result["middle_layer"]
     main = [r for r in result["records"] if r["kind"] in MAIN_KINDS]
     rep.paragraph(f"{result['model']} on {result['corpus']}: {result['n_tokens']:,} tokens per site over every "
-                  f"layer; middle layer {mid}; comparisons on {len(result.get('compare', []))} other settings "
+                  f"layer, activations with a norm above mean + 5 sigma excluded (footnote 3); middle layer {mid}; comparisons on {len(result.get('compare', []))} other settings "
                   f"({', '.join(c['label'] for c in result.get('compare', [])) or 'none'}). Full numbers: "
                   f"{result['spectrum_json']}.")
     add_figure(rep, figures.erank_by_layer, (main,), fig_dir / "fig2_erank_by_layer.png",

@@ -1,0 +1,125 @@
+"""Evidence for the `d_init: auto` rule: dead features and FVU of ASI SAEs against d_init on sites of different
+effective rank, beside the standard init, with the spectrum statistics a rule could be stated in.
+
+    .venv/bin/python scripts/d_init_evidence.py --out runs/d_init_evidence
+    .venv/bin/python scripts/d_init_evidence.py --out runs/d_init_evidence --report docs/results/d_init_rule.md
+
+Per site: one activation store (`ranklens collect`), then `ranklens train sae` runs (in this process, sharing the
+store and one held-out set) for every d_init of the grid (fractions of d) and the standard init, each over the
+seeds. Every run directory is a normal `train sae` run, so a killed script resumes where it stopped. The JSON
+(`evidence.json`) holds every run's metrics and, per site, the effective rank and the number of principal
+directions reaching each cumulative-variance level, computed from the same init tokens ASI uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ranklens.data.collect import CollectConfig, collect
+from ranklens.eval.held_out import HeldOutSet
+from ranklens.lm.load import load_model
+from ranklens.rundir import atomic_write_json, atomic_write_text
+from ranklens.spectrum.accumulator import CovarianceAccumulator
+from ranklens.spectrum.stats import effective_rank, principal_basis
+from ranklens.train.sae_job import SAETrainConfig, train_sae, training_held_out
+
+SITES = [("smollm2-135m", "L3.attn_out"), ("smollm2-135m", "L15.attn_out"), ("minilm-l6", "L3.attn_out")]
+FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4]
+VARIANCE_LEVELS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+
+
+def spectrum_summary(store, site: str, tokens: int) -> dict:
+    acc = CovarianceAccumulator(store.sites[site])
+    for chunk in store.iter_tokens(site):
+        acc.update(chunk[: tokens - acc.n])
+        if acc.n >= tokens:
+            break
+    basis = principal_basis(acc)
+    s = basis.singular_values
+    variance = (s**2) / (s**2).sum()
+    cumulative = variance.cumsum(0)
+    return {"d": int(s.numel()), "tokens": acc.n, "erank": float(effective_rank(s)),
+            "dims_for_variance": {str(v): int((cumulative < v).sum()) + 1 for v in VARIANCE_LEVELS}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/d_init_evidence")
+    parser.add_argument("--report", help="also write the Markdown table here")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per SAE")
+    parser.add_argument("--store-tokens", type=int, default=500_000)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--eval-tokens", type=int, default=50_000)
+    args = parser.parse_args()
+    out = Path(args.out)
+    evidence: dict = {"settings": vars(args), "sites": {}}
+    for model, site in SITES:
+        lm = load_model(model, "auto", "cpu")
+        key = f"{model}/{site}"
+        store = collect(CollectConfig(model=model, sites=site, tokens=args.store_tokens, seed=0),
+                        out / "stores" / f"{model}-{site}", progress=False, lm=lm)
+        d = store.sites[site]
+        d_inits = sorted({max(1, round(f * d)) for f in FRACTIONS})
+        cells = [("standard", None)] + [("asi", v) for v in d_inits]
+        base = dict(model=model, site=site, store=str(store.directory), tokens=args.tokens,
+                    batch_size=args.batch_size, expansion=8, k=50, lr=args.lr, warmup_steps=50,
+                    b_dec_init="mean", init_tokens=100_000, eval_tokens=args.eval_tokens, lm_eval_tokens=0,
+                    train_dtype="bfloat16", shuffle_buffer_tokens=262_144, checkpoint_every=200)
+        held_out = None
+        runs = {}
+        for init, d_init in cells:
+            for seed in range(args.seeds):
+                cfg = SAETrainConfig(**base, init=init, d_init=d_init or "auto", seed=seed)
+                name = f"{init}{d_init or ''}-s{seed}"
+                run_dir = out / "runs" / f"{model}-{site}" / name
+                if held_out is None:
+                    held_out = HeldOutSet(lm, [site], training_held_out(cfg, lm, run_dir), args.eval_tokens, 0)
+                print(f"{key} {name}", file=sys.stderr, flush=True)
+                metrics = train_sae(cfg, run_dir, progress=False, lm=lm, held_out=held_out)
+                runs[name] = {"init": init, "d_init": d_init or d, "seed": seed, "fvu": metrics["nmse"],
+                              "dead": metrics["dead_features"], "eval_dead": metrics["eval_dead_features"],
+                              "n_features": metrics["n_features"], "dead_window_tokens": metrics["dead_window_tokens"]}
+        evidence["sites"][key] = {"spectrum": spectrum_summary(store, site, 100_000), "runs": runs}
+        atomic_write_json(out / "evidence.json", evidence)
+    if args.report:
+        atomic_write_text(args.report, markdown(evidence))
+    print(json.dumps({k: v["spectrum"] for k, v in evidence["sites"].items()}, indent=1))
+    return 0
+
+
+def summary(runs: dict) -> dict[int, dict[str, float]]:
+    by_d: dict[int, list[dict]] = {}
+    for r in runs.values():
+        by_d.setdefault(r["d_init"], []).append(r)
+    return {d: {"fvu": float(np.mean([r["fvu"] for r in rs])), "fvu_std": float(np.std([r["fvu"] for r in rs])),
+                "dead": float(np.mean([r["dead"] for r in rs])), "n": len(rs)} for d, rs in sorted(by_d.items())}
+
+
+def markdown(evidence: dict) -> str:
+    s = evidence["settings"]
+    lines = [f"Settings: 8x dictionaries, k = 50, {s['tokens']:,} training tokens per SAE (batch {s['batch_size']}, "
+             f"lr {s['lr']}, bf16 autocast, b_D started at the data mean), {s['seeds']} seeds; FVU on "
+             f"{s['eval_tokens']:,} held-out tokens; dead = not fired in the last quarter of training.", ""]
+    for key, site in evidence["sites"].items():
+        sp = site["spectrum"]
+        levels = ", ".join(f"{float(v):.0%}: {n}" for v, n in sp["dims_for_variance"].items())
+        lines += [f"### {key} (d = {sp['d']}, erank {sp['erank']:.1f})", "",
+                  f"Principal directions reaching each share of the variance: {levels}.", "",
+                  "| d_init | d_init / d | d_init / erank | FVU | dead |", "|---|---|---|---|---|"]
+        for d_init, row in summary(site["runs"]).items():
+            label = f"{d_init} (standard)" if d_init == sp["d"] else str(d_init)
+            lines.append(f"| {label} | {d_init / sp['d']:.3f} | {d_init / sp['erank']:.2f} | "
+                         f"{row['fvu']:.4f} \u00b1 {row['fvu_std']:.4f} | {row['dead']:.0f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
