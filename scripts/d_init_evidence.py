@@ -22,10 +22,10 @@ import numpy as np
 
 from ranklens.data.collect import CollectConfig, collect
 from ranklens.eval.held_out import HeldOutSet
+from ranklens.io import atomic_write_json, atomic_write_text
+from ranklens.linalg.accumulator import CovarianceAccumulator
+from ranklens.linalg.basis import effective_rank, principal_basis
 from ranklens.lm.load import load_model
-from ranklens.rundir import atomic_write_json, atomic_write_text
-from ranklens.spectrum.accumulator import CovarianceAccumulator
-from ranklens.spectrum.stats import effective_rank, principal_basis
 from ranklens.train.sae_job import SAETrainConfig, train_sae, training_held_out
 
 SITES = [("smollm2-135m", "L3.attn_out"), ("smollm2-135m", "L15.attn_out"), ("minilm-l6", "L3.attn_out")]

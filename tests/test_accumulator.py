@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ranklens.errors import RanklensError
-from ranklens.spectrum.accumulator import CovarianceAccumulator, NormStats, symmetric_gram
-from ranklens.spectrum.stats import singular_values
+from ranklens.linalg.accumulator import CovarianceAccumulator, NormStats, symmetric_gram
+from ranklens.linalg.basis import singular_values
 
 
 def low_rank_data(
@@ -249,7 +249,7 @@ def test_float32_gram_accuracy(offset):
     decades: singular values above 1% of the largest stay within 1e-6 relative (measured: <2e-7); the tail near
     1e-3 of the largest is off by ~2e-3 (eigenvalues 1e-6 of the top one are at float32's resolution), which moves
     the effective rank by ~3e-5 relative."""
-    from ranklens.spectrum.stats import effective_rank
+    from ranklens.linalg.basis import effective_rank
 
     x = low_rank_data() + offset
     fast = feed(x.float(), gram_dtype=torch.float32)

@@ -18,9 +18,9 @@ from ranklens.dictionaries.lorsa_init import (
     qk_source_heads,
 )
 from ranklens.errors import RanklensError
+from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.lm.attention import mhsa_weights
 from ranklens.lm.capture import capture
-from ranklens.spectrum.accumulator import CovarianceAccumulator
 from tiny_models import tiny_batch, tiny_model
 
 

@@ -20,8 +20,8 @@ from ranklens.dictionaries.init import (
 )
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.errors import RanklensError
-from ranklens.spectrum.accumulator import CovarianceAccumulator
-from ranklens.spectrum.stats import active_subspace
+from ranklens.linalg.accumulator import CovarianceAccumulator
+from ranklens.linalg.basis import active_subspace
 
 D, N_FEAT = 16, 64
 

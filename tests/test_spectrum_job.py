@@ -8,10 +8,10 @@ import torch
 from ranklens.data.corpus import iter_documents
 from ranklens.data.tokenize import token_batches
 from ranklens.errors import RanklensError
+from ranklens.linalg.basis import effective_rank
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import load_model
 from ranklens.spectrum.job import SpectrumConfig, run_spectrum
-from ranklens.spectrum.stats import effective_rank
 
 
 def _config(tiny_dir, **overrides) -> SpectrumConfig:

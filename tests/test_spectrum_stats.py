@@ -8,16 +8,18 @@ import pytest
 import torch
 
 from ranklens.errors import RanklensError
-from ranklens.spectrum.accumulator import CovarianceAccumulator
-from ranklens.spectrum.stats import (
+from ranklens.linalg.accumulator import CovarianceAccumulator
+from ranklens.linalg.basis import (
     active_subspace,
-    coefficient_of_variation,
-    cumulative_variance,
     effective_rank,
     erank_fraction,
-    frac_sv_above,
     principal_basis,
     singular_values,
+)
+from ranklens.spectrum.stats import (
+    coefficient_of_variation,
+    cumulative_variance,
+    frac_sv_above,
     spectrum_summary,
     stability_summary,
     variance_decomposition,

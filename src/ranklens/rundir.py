@@ -1,58 +1,21 @@
 """Run directories: one per job, holding its resolved config, state, results, figures and report.
 
 `prepare_run_dir(out, config)` creates the directory with `config.yaml`, or reopens it when it holds the same
-config (a rerun resumes or reuses), and refuses a directory that holds something else. Writes go through
-`atomic_write_*` (a temporary name in the same directory, then a rename), so a killed job never leaves a
-half-written file behind.
+config (a rerun resumes or reuses), and refuses a directory that holds something else. Every file of a run is
+written through ``ranklens.io`` (a temporary name, then a rename), so a killed job never leaves a half-written file.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from ranklens.config import Config
 from ranklens.errors import RanklensError
+from ranklens.io import atomic_write_text
 
 CONFIG_NAME = "config.yaml"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=True) + "\n")
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RanklensError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno})") from err
 
 
 def prepare_run_dir(out: str | Path, config: Config, job: str) -> Path:

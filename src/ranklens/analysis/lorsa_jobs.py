@@ -8,8 +8,8 @@ from pathlib import Path
 from ranklens.analysis.lorsa_interp import interpret, z_pattern_record
 from ranklens.config import Config
 from ranklens.errors import RanklensError
+from ranklens.io import atomic_write_json
 from ranklens.lm.load import load_model
-from ranklens.rundir import atomic_write_json
 from ranklens.train.lorsa_job import evaluation_text, open_lorsa
 
 TOP_NAME = "top_activations.json"

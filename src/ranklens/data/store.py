@@ -16,8 +16,8 @@ one). Every real position of a sequence is stored (bos included, padding never),
 the attention input at every position. ``stat_mask`` marks the positions that count as tokens for statistics and
 training (False for bos/eos/pad); the token reader yields only those, and every ``n_tokens`` counts only those.
 
-Crash safety: a shard is written to ``.<name>.tmp`` in the same directory, fsynced and renamed; then the manifest is
-written the same way. The manifest therefore lists only complete shards, and the ``docs_consumed`` of its last shard
+Crash safety: a shard is written under a temporary name in the same directory, fsynced and renamed
+(``ranklens.io.atomic_path``); then the manifest is written the same way. The manifest therefore lists only complete shards, and the ``docs_consumed`` of its last shard
 says where the collector resumes. Sequences still buffered in memory when a writer dies are not on disk and are
 collected again on resume (at most one shard's worth). On resume, temporaries (ours, and the ``.tmpXXXXXX`` that
 safetensors' ``save_file`` writes through) and shards the manifest does not list are removed.
@@ -48,6 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ranklens.errors import RanklensError
+from ranklens.io import atomic_path, atomic_write_text
 
 try:  # POSIX advisory lock; on other platforms the writer runs without one.
     import fcntl
@@ -94,11 +95,7 @@ def _shard_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
 
 
-def _tmp_name(name: str) -> str:
-    return f".{name}.tmp"
-
-
-# Ours (".<name>.tmp") and safetensors' own: save_file writes through a tempfile-crate NamedTempFile (".tmpXXXXXX")
+# Ours (".<name>.<random>.tmp", ranklens.io) and safetensors' own: save_file writes through a tempfile-crate NamedTempFile (".tmpXXXXXX")
 # in the target's directory before renaming it to our temporary name.
 _TMP_RE = re.compile(r"^(\..+\.tmp|\.tmp[A-Za-z0-9_-]+)$")
 
@@ -125,39 +122,6 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "r+b") as f:
-        os.fsync(f.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(_tmp_name(path.name))
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def _json_normalize(value: Any, what: str) -> Any:
@@ -225,7 +189,7 @@ class _Manifest:
         }
 
     def write(self, directory: Path) -> None:
-        _atomic_write_text(directory / MANIFEST_NAME, json.dumps(self.to_json(), indent=2) + "\n")
+        atomic_write_text(directory / MANIFEST_NAME, json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def _read_manifest(directory: Path) -> _Manifest:
@@ -643,20 +607,12 @@ class ActivationStoreWriter(_ManifestView):
         tensors["seq_offsets"] = offsets
         n_positions = int(offsets[-1])
         n_tokens = int(tensors["stat_mask"].sum())
-        tmp = d / _tmp_name(name)
-        try:
-            # One metadata key only: safetensors writes metadata from a hash map in random order, and shard bytes
-            # (hence their sha256) must not depend on it.
+        # One metadata key only: safetensors writes metadata from a hash map in random order, and shard bytes
+        # (hence their sha256) must not depend on it.
+        with atomic_path(d / name) as tmp:
             save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-            _fsync_file(tmp)
             size = tmp.stat().st_size
             sha = _sha256_file(tmp)
-            os.replace(tmp, d / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(d)
         info = ShardInfo(
             file=name,
             n_sequences=len(lengths),

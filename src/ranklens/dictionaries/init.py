@@ -23,8 +23,8 @@ import torch
 
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder, _fill_uniform_unit_rows_, _normalize_rows_
 from ranklens.errors import RanklensError
-from ranklens.spectrum.accumulator import CovarianceAccumulator
-from ranklens.spectrum.stats import (
+from ranklens.linalg.accumulator import CovarianceAccumulator
+from ranklens.linalg.basis import (
     PrincipalBasis,
     active_subspace,
     effective_rank,

@@ -26,8 +26,8 @@ import torch
 
 from ranklens.dictionaries.lorsa import Lorsa, LorsaConfig
 from ranklens.errors import RanklensError
+from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.lm.attention import MHSAWeights
-from ranklens.spectrum.accumulator import CovarianceAccumulator
 
 __all__ = [
     "exact_from_mhsa",

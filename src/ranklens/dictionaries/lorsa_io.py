@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ranklens.dictionaries.lorsa import Lorsa, LorsaConfig
 from ranklens.errors import RanklensError
-from ranklens.rundir import atomic_write_json
+from ranklens.io import atomic_directory
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_lorsa", "save_lorsa"]
 
@@ -26,14 +26,14 @@ FORMAT = "ranklens-lorsa"
 
 
 def save_lorsa(lorsa: Lorsa, directory: str | Path, **meta: Any) -> Path:
-    """Write the Lorsa to ``directory`` (created); ``meta`` (JSON-ready) goes into cfg.json beside the config."""
+    """Write the Lorsa to ``directory`` as one atomic directory (replacing an older one); ``meta`` (JSON-ready) goes
+    into cfg.json beside the config."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in lorsa.state_dict().items()}
-    tmp = directory / f".{WEIGHTS_NAME}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    tmp.replace(directory / WEIGHTS_NAME)
-    atomic_write_json(directory / CONFIG_NAME, {"format": FORMAT, "lorsa": lorsa.cfg.to_dict(), **meta})
+    record = {"format": FORMAT, "lorsa": lorsa.cfg.to_dict(), **meta}
+    with atomic_directory(directory, replace=True) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=1) + "\n")
     return directory
 
 

@@ -127,8 +127,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +138,7 @@ from torch import nn
 
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
 from ranklens.errors import RanklensError
+from ranklens.io import atomic_directory
 from ranklens.lm.sites import Site
 
 __all__ = [
@@ -517,31 +516,14 @@ def save_saelens(
 
     if refuse_or_same():
         return d
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".tmp", dir=d.parent))
     try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        try:
-            os.rename(tmp, d)  # replaces a missing or empty directory atomically (POSIX rename)
-        except OSError:
-            if refuse_or_same():  # another writer got there first with the same SAE
-                return d
-            raise
-        try:
-            fd = os.open(d.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(d) as tmp:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+    except OSError:
+        if refuse_or_same():  # another writer got there first with the same SAE
+            return d
+        raise
     return d
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from ranklens.errors import RanklensError
+from ranklens.io import atomic_directory
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -125,19 +124,14 @@ def _smollm2_dir() -> Path:
     # embedding and is re-tied on load.
     state = {k: v.contiguous() for k, v in model.state_dict().items()
              if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first; its copy is identical
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(target) as tmp:
+            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+            config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        if not (target / "model.safetensors").exists():
+            raise  # not a concurrent build that finished first (its copy would be identical)
     return target
 
 

@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from ranklens.rundir import atomic_write_bytes
+from ranklens.io import atomic_write_bytes
 
 __all__ = [
     "KIND_COLORS",

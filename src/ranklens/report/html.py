@@ -29,7 +29,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
-from ranklens.rundir import atomic_write_bytes
+from ranklens.io import atomic_write_bytes
 
 __all__ = ["VERDICTS", "Report", "format_number", "format_value", "software_versions"]
 

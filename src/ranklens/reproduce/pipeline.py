@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ranklens.errors import RanklensError
-from ranklens.rundir import atomic_write_json, read_json
+from ranklens.io import atomic_write_json, read_json
 
 STEPS_DIR = "steps"
 

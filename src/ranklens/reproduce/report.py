@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
+from ranklens.io import atomic_write_bytes, atomic_write_json
 from ranklens.report.html import Report, software_versions
 from ranklens.reproduce.presets import ReproduceConfig
 from ranklens.reproduce.verdicts import Verdict
-from ranklens.rundir import atomic_write_bytes, atomic_write_json
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"

@@ -34,21 +34,18 @@ from tqdm import tqdm
 from ranklens.config import Config
 from ranklens.data.corpus import iter_documents
 from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, TokenBatch, first_tokens, token_batches
-from ranklens.distributed import broadcast_error, gather_accumulators, rank_device, world
+from ranklens.distributed import broadcast_error, rank_device, world
 from ranklens.errors import RanklensError
 from ranklens.eval.lm_loss import cross_entropies, layer_inputs, zero_ablation
+from ranklens.io import atomic_write_bytes, atomic_write_json, read_json
+from ranklens.linalg.accumulator import CovarianceAccumulator, NormStats
+from ranklens.linalg.basis import PrincipalBasis, principal_basis
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, max_positions
 from ranklens.lm.sites import Architecture, Site, describe, parse_sites
-from ranklens.rundir import atomic_write_bytes, atomic_write_json, prepare_run_dir, read_json
-from ranklens.spectrum.accumulator import CovarianceAccumulator, NormStats
-from ranklens.spectrum.stats import (
-    PrincipalBasis,
-    principal_basis,
-    spectrum_summary,
-    stability_summary,
-    variance_decomposition,
-)
+from ranklens.rundir import prepare_run_dir
+from ranklens.spectrum.distributed import gather_accumulators
+from ranklens.spectrum.stats import spectrum_summary, stability_summary, variance_decomposition
 
 RESULT_NAME = "spectrum.json"
 _STATE_NAME = "accumulators.safetensors"

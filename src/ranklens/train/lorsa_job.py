@@ -38,13 +38,14 @@ from ranklens.errors import RanklensError
 from ranklens.eval.held_out import EVAL_BATCH_TOKENS, HeldOutSource
 from ranklens.eval.lm_loss import spliced_lm_loss
 from ranklens.eval.metrics import ReconstructionMetrics
+from ranklens.io import atomic_write_json, read_json
+from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.lm.attention import MHSAWeights, mhsa_weights
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
 from ranklens.lm.sites import Site, describe
 from ranklens.lm.splice import SequenceSplice
-from ranklens.rundir import atomic_write_json, prepare_run_dir, read_json
-from ranklens.spectrum.accumulator import CovarianceAccumulator
+from ranklens.rundir import prepare_run_dir
 from ranklens.train.dead import dead_window
 from ranklens.train.lorsa_data import StoreSequences, StreamSequences, lorsa_sites
 from ranklens.train.lorsa_objective import LorsaObjective

@@ -34,11 +34,12 @@ from ranklens.dictionaries.init import (
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
 from ranklens.errors import RanklensError
 from ranklens.eval.held_out import HeldOutSet, HeldOutSource
+from ranklens.io import atomic_write_json, read_json
+from ranklens.linalg.accumulator import CovarianceAccumulator
+from ranklens.linalg.basis import principal_basis
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
 from ranklens.lm.sites import Site, describe
-from ranklens.rundir import atomic_write_json, prepare_run_dir, read_json
-from ranklens.spectrum.accumulator import CovarianceAccumulator
-from ranklens.spectrum.stats import principal_basis
+from ranklens.rundir import prepare_run_dir
 from ranklens.train.dead import dead_window
 from ranklens.train.sae_objective import SAEObjective
 from ranklens.train.schedules import capped_warmup

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from ranklens.rundir import atomic_write_bytes
+from ranklens.io import atomic_write_bytes
 from ranklens.train.dead import FiringTracker
 from ranklens.train.optim import make_optimizer
 from ranklens.train.schedules import k_schedule, lr_multiplier

@@ -29,14 +29,14 @@ from typing import Any
 import torch
 
 from ranklens.dictionaries.saelens import load_sae
+from ranklens.linalg.accumulator import CovarianceAccumulator
+from ranklens.linalg.basis import principal_basis
 from ranklens.report.html import Report
 from ranklens.reproduce.experiments.sae_runs import fmt_mean_std, names, values
 from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
 from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, compare_values, welch_less
-from ranklens.spectrum.accumulator import CovarianceAccumulator
-from ranklens.spectrum.stats import principal_basis
 from ranklens.train.sae_job import SAE_DIR
 
 NAME = "dead_subspace"
