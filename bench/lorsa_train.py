@@ -101,7 +101,7 @@ def build(data: dict, seed: int = 0):
 
 
 def batch_of(data: dict, n_seq: int, positions: int | None = None):
-    from ranklens.train.lorsa_data import LorsaBatch
+    from ranklens.data.sequences import LorsaBatch
 
     x, y = data["x"][:n_seq, :positions].contiguous(), data["y"][:n_seq, :positions].contiguous()
     real = torch.ones(x.shape[:2], dtype=torch.bool)

@@ -6,7 +6,9 @@ from ranklens.data.collect import CollectConfig, collect
 from ranklens.errors import RanklensError
 from ranklens.eval.held_out import HeldOutSet
 from ranklens.lm.load import load_model
-from ranklens.train.sae_job import SAETrainConfig, train_sae, training_held_out
+from ranklens.data.store import ActivationStore
+from ranklens.train.config import SAETrainConfig
+from ranklens.train.sae_job import train_sae
 
 
 def _cfg(tiny_dir, store, **overrides) -> SAETrainConfig:
@@ -25,7 +27,7 @@ def test_shared_held_out_set_equals_own(tiny_dir, tmp_path):
                           corpus=str(tiny_dir / "corpus"), tokens=3000, context_length=64, dtype="float32"),
             store, progress=False, lm=lm)
     cfg = _cfg(tiny_dir, store)
-    shared = HeldOutSet(lm, ["L1.attn_out", "L2.mlp_out"], training_held_out(cfg, lm, tmp_path), 700, 300)
+    shared = HeldOutSet(lm, ["L1.attn_out", "L2.mlp_out"], ActivationStore(store).held_out(), 700, 300)
     alone = train_sae(cfg, tmp_path / "alone", progress=False)
     together = train_sae(cfg, tmp_path / "together", progress=False, lm=lm, held_out=shared)
     assert together.keys() == alone.keys()

@@ -18,7 +18,7 @@ from ranklens.lm.capture import capture
 from ranklens.lm.load import load_model
 from ranklens.lm.sites import Site, describe
 from ranklens.lm.splice import SequenceSplice
-from ranklens.train.lorsa_data import StoreSequences, StreamSequences, group_by_tokens
+from ranklens.data.sequences import StoreSequences, StreamSequences, group_by_tokens
 from tiny_models import tiny_batch, tiny_model
 
 

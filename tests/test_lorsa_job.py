@@ -19,8 +19,8 @@ from ranklens.lm.load import load_model
 from ranklens.train.lorsa_job import LorsaTrainConfig, train_lorsa
 from ranklens.train.trainer import Trainer
 
-REQUIRED = {"fvu", "dead_heads", "dead_fraction", "delta_lm_loss", "loss_recovered", "n_heads", "k", "init",
-            "ce_clean", "ce_spliced", "ce_zero_ablation", "l0", "eval_tokens", "train_dead_heads",
+REQUIRED = {"fvu", "eval_dead", "eval_dead_fraction", "delta_lm_loss", "loss_recovered", "n_heads", "k", "init",
+            "ce_clean", "ce_spliced", "ce_zero_ablation", "l0", "eval_tokens", "train_dead",
             "dead_window_tokens", "tokens"}
 
 
@@ -38,7 +38,7 @@ def test_train_lorsa_job_every_init(tiny_dir, tmp_path, init):
     metrics = train_lorsa(_cfg(tiny_dir, init=init), out, progress=False)
     assert set(metrics) >= REQUIRED
     assert metrics["n_heads"] == 64 and metrics["k"] == 4 and metrics["init"] == init and metrics["layer"] == 1
-    assert 0 < metrics["l0"] <= 4 and metrics["eval_tokens"] == 800 and 0 <= metrics["dead_fraction"] <= 1
+    assert 0 < metrics["l0"] <= 4 and metrics["eval_tokens"] == 800 and 0 <= metrics["eval_dead_fraction"] <= 1
     assert metrics["d_init"] == (8 if init == "asi" else None)
     assert json.loads((out / "metrics.json").read_text()) == metrics
     lorsa, meta = load_lorsa(out / "lorsa")
@@ -142,7 +142,7 @@ def test_cli_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
                  "float32"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["fvu"] == pytest.approx(metrics["fvu"], rel=1e-5)
-    assert again["dead_heads"] == metrics["dead_heads"]
+    assert again["eval_dead"] == metrics["eval_dead"]
     assert main(["zpattern", str(out), "--head", "7", "--text", "Hello world, hello world", "--dtype",
                  "float32"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -153,17 +153,18 @@ def test_cli_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
 
 
 def test_output_bias_mean_is_the_mean_target_of_the_first_init_tokens(tiny_dir, tmp_path):
+    from ranklens.data.sources import lorsa_source
     from ranklens.lm.attention import mhsa_weights
-    from ranklens.train.lorsa_data import StoreSequences
-    from ranklens.train.lorsa_job import _store, build_lorsa
+    from ranklens.train.lorsa_job import build_lorsa
 
     cfg = _cfg(tiny_dir, output_bias="mean", init_tokens=700)
     lm = load_model(cfg.model, "float32")
-    store = _store(cfg, 1, tmp_path / "run", lm, progress=False)
-    source = StoreSequences(store, 1, cfg.batch_tokens, cfg.seed, cfg.tokens)
-    lorsa, info = build_lorsa(cfg, mhsa_weights(lm.model, 1), lambda: source(0))
+    source = lorsa_source(lm, 1, kind="store", store=None, run_dir=tmp_path / "run", corpus=cfg.corpus, seed=cfg.seed,
+                          context_length=cfg.context_length, tokens=cfg.tokens, batch_tokens=cfg.batch_tokens,
+                          dtype="float32", device="cpu", progress=False)
+    lorsa, info = build_lorsa(cfg, mhsa_weights(lm.arch, 1), source)
     rows = torch.cat([b.target[b.stat_mask] for b in itertools.islice(source(0), 3)])[:700].double()  # 3 x 400 > 700
     assert info["output_bias"] == "mean"
     torch.testing.assert_close(lorsa.b_O.double(), rows.mean(0), rtol=1e-6, atol=1e-6)
-    zero, info = build_lorsa(_cfg(tiny_dir), mhsa_weights(lm.model, 1), lambda: source(0))
+    zero, info = build_lorsa(_cfg(tiny_dir), mhsa_weights(lm.arch, 1), source)
     assert info["output_bias"] == "zero" and torch.equal(zero.b_O, torch.zeros_like(zero.b_O))  # App. O.2

@@ -13,7 +13,7 @@ from ranklens.dictionaries.lorsa_init import init_default_
 from ranklens.dictionaries.lorsa_io import load_lorsa, save_lorsa
 from ranklens.errors import RanklensError
 from ranklens.lm.attention import RopeSpec
-from ranklens.train.lorsa_data import LorsaBatch
+from ranklens.data.sequences import LorsaBatch
 from ranklens.train.lorsa_objective import LorsaObjective
 from ranklens.train.trainer import StepContext, Trainer, TrainSettings
 

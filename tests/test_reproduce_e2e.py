@@ -131,7 +131,7 @@ def test_budget_alone_with_an_lr_sweep(micro, tmp_path):
     assert list(results["steps"]) == ["activations", "lr_sweep", "budget"]
     assert results["steps"]["activations"]["result"]["sites"] == "L1.attn_out"  # the tiny model's middle layer
     sweep = results["steps"]["lr_sweep"]["result"]
-    fvu = {lr: sum(sweep["runs"][n]["metrics"]["nmse"] for n in ms.values()) / 2 for lr, ms in sweep["layout"]["grid"].items()}
+    fvu = {lr: sum(sweep["runs"][n]["metrics"]["fvu"] for n in ms.values()) / 2 for lr, ms in sweep["layout"]["grid"].items()}
     assert sweep["chosen_lr"] == float(min(fvu, key=fvu.get))
     budget = results["steps"]["budget"]
     lay = budget["result"]["layout"]

@@ -8,7 +8,8 @@ import torch
 from ranklens.cli import main
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
 from ranklens.errors import RanklensError
-from ranklens.train.sae_job import SAETrainConfig, train_sae
+from ranklens.train.config import SAETrainConfig
+from ranklens.train.sae_job import train_sae
 from ranklens.train.sae_objective import SAEObjective
 from ranklens.train.trainer import Trainer, TrainSettings
 
@@ -86,12 +87,12 @@ def _sae_cfg(tiny_dir, **overrides) -> SAETrainConfig:
 def test_train_sae_job_and_eval(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = train_sae(_sae_cfg(tiny_dir), out, progress=False)
-    expected = {"dead_features", "dead_fraction", "dead_window_tokens", "nmse", "nmse_uncentered", "l0",
+    expected = {"train_dead", "train_dead_fraction", "dead_window_tokens", "fvu", "nmse", "nmse_uncentered", "l0",
                 "delta_lm_loss", "loss_recovered", "n_features", "k", "init", "d_init", "tokens", "ce_clean",
                 "ce_spliced", "ce_zero_ablation", "explained_variance"}
     assert expected <= set(metrics)
     assert metrics["n_features"] == 128 and metrics["k"] == 4 and metrics["d_init"] == 8
-    assert metrics["tokens"] == 4096 and 0 < metrics["nmse"] < 1 and 0 < metrics["l0"] <= 4
+    assert metrics["tokens"] == 4096 and 0 < metrics["fvu"] < 1 and 0 < metrics["l0"] <= 4
     assert (out / "sae" / "cfg.json").exists() and (out / "sae" / "sae_weights.safetensors").exists()
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert train_sae(_sae_cfg(tiny_dir), out, progress=False) == metrics  # reused, not retrained
@@ -100,7 +101,7 @@ def test_train_sae_job_and_eval(tiny_dir, tmp_path, capsys):
     assert main(["eval", "sae", str(out), "--eval-tokens", "1000", "--lm-eval-tokens", "500", "--dtype",
                  "float32"]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["nmse"] == pytest.approx(metrics["nmse"], rel=1e-6)
+    assert again["fvu"] == pytest.approx(metrics["fvu"], rel=1e-6)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -132,13 +133,15 @@ def test_stream_source_resumes_exactly(tiny_dir):
 def test_train_sae_on_the_fly(tiny_dir, tmp_path):
     cfg = _sae_cfg(tiny_dir, source="stream", stream_chunk_tokens=1024, init="standard", tokens=2048)
     metrics = train_sae(cfg, tmp_path / "run", progress=False)
-    assert metrics["source"] == "stream" and metrics["tokens"] == 2048 and 0 < metrics["nmse"] < 1.5
+    assert metrics["source"] == "stream" and metrics["tokens"] == 2048 and 0 < metrics["fvu"] < 1.5
     assert not (tmp_path / "run" / "activations").exists()
 
 
 def test_b_dec_init_mean_is_the_mean_of_the_init_tokens(tiny_dir):
     """--b-dec-init mean: b_D starts at the mean of the first init_tokens training activations (float64 sum)."""
     from ranklens.data.collect import CollectConfig, collect
+    from ranklens.data.sources import StoreTokens
+    from ranklens.lm.sites import Site
     from ranklens.train.sae_job import build_sae
 
     store = collect(CollectConfig(model=str(tiny_dir / "model"), sites="L1.attn_out", corpus=str(tiny_dir / "corpus"),
@@ -147,10 +150,11 @@ def test_b_dec_init_mean_is_the_mean_of_the_init_tokens(tiny_dir):
     rows = torch.cat(list(store.iter_tokens("L1.attn_out"))).double()[:2000]
     for init in ("standard", "asi"):
         cfg = _sae_cfg(tiny_dir, b_dec_init="mean", init=init, init_tokens=2000)
-        sae, info = build_sae(cfg, 32, lambda: store.iter_tokens("L1.attn_out"))
+        source = StoreTokens(store, Site(1, "attn_out"), batch_size=256, buffer_tokens=2048, seed=0, tokens=4096)
+        sae, info = build_sae(cfg, 32, source)
         assert info["b_dec_init"] == "mean"
         torch.testing.assert_close(sae.b_D.detach().double(), rows.mean(0), rtol=0, atol=1e-6)
-    sae, _ = build_sae(_sae_cfg(tiny_dir), 32, lambda: store.iter_tokens("L1.attn_out"))
+    sae, _ = build_sae(_sae_cfg(tiny_dir), 32, source)
     assert not sae.b_D.any()
 
 
@@ -178,7 +182,7 @@ def test_curve_is_logged_at_the_asked_tokens_and_survives_resume(tiny_dir, tmp_p
     assert [r["step"] for r in curve] == [4, 8, 16] and [r["tokens"] for r in curve] == [1024, 2048, 4096]
     assert all(0 < r["fvu"] < 2 and r["eval_tokens"] == 1000 for r in curve)
     assert curve[0]["train_dead"] is None and curve[-1]["train_dead"] is not None  # a window of 2,000 tokens
-    assert curve[-1]["fvu"] == pytest.approx(json.loads((whole / "metrics.json").read_text())["nmse"], rel=1e-9)
+    assert curve[-1]["fvu"] == pytest.approx(json.loads((whole / "metrics.json").read_text())["fvu"], rel=1e-9)
 
     # A run killed during step 9 (after step 8's evaluation; the last checkpoint is step 6) and rerun.
     from ranklens.train.trainer import Trainer

@@ -1,8 +1,9 @@
 """ranklens: the geometry of transformer activations and sparse dictionaries that respect it.
 
 Every job subcommand takes `--config FILE.yaml` and one flag per field of its typed config (flags override the
-file; unknown keys are an error), and calls a job function. A `RanklensError` becomes one line on stderr and exit
-status 2.
+file; unknown keys are an error), and calls a job function. The parser is built from the configs alone, which
+import no torch, so `--help` answers at once; a job imports what it needs when it runs. A `RanklensError` (bad input
+a user can fix) becomes one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,43 +15,53 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from ranklens.allocator import retain_freed_memory
+from ranklens import __version__
+from ranklens.analysis.config import LorsaTopConfig, ZPatternConfig
+from ranklens.config import Config, flag
+from ranklens.data.config import CollectConfig
 from ranklens.errors import RanklensError
+from ranklens.eval.config import LorsaEvalConfig, SAEEvalConfig
+from ranklens.reproduce.presets import PRESETS, ReproduceConfig
+from ranklens.spectrum.config import SpectrumConfig
+from ranklens.train.config import LorsaTrainConfig, SAETrainConfig
 
-HELP = {
-    "model": "embedded name (see `ranklens models`), Hugging Face id or local model directory",
-    "sites": "site pattern(s), e.g. 'L15.attn_out', 'L*.attn_out,L10-20.mlp_out', 'Lmid.*'",
-    "site": "one site, e.g. L15.attn_out",
-    "corpus": "embedded corpus (default, prose, code, zh, a+b), a .txt/.jsonl/.jsonl.zst/.parquet file or "
-              "directory, or hf:NAME",
-    "tokens": "number of tokens (bos/eos/pad excluded)",
-    "dtype": "model compute dtype: auto (bf16 where fast), float32, bfloat16",
-}
+MODEL_HELP = "embedded model name (see `ranklens models`), Hugging Face id or local model directory"
 
 
-def _config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One `--field-name` flag per config field; values go to the config's own validation."""
-    parser.add_argument("--config", help="YAML file with these options (flags override it)")
-    for name, field in config_cls.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = field.default
-        help_text = HELP.get(name, "") + (f" (default: {default})" if default is not None else "")
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            choices = _literal_choices(field.annotation)
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper() if not choices else None,
-                                choices=choices, help=help_text)
+def shell_value(value: Any) -> str:
+    """A default as a shell user would type it (lists comma-separated)."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) if value else "(none)"
+    return str(value)
 
 
-def _literal_choices(annotation) -> list[str] | None:
+def _choices(annotation) -> list[str] | None:
     if typing.get_origin(annotation) is typing.Literal:
         return [str(a) for a in typing.get_args(annotation)]
     return None
 
 
-def _config(args: argparse.Namespace, config_cls):
+def _config_flags(parser: argparse.ArgumentParser, config_cls: type[Config], defaults: dict[str, Any]) -> None:
+    """One `--field-name` flag per config field, its help the field's description with its default (``defaults``
+    overrides the class default in the help, e.g. a preset's value); values go to the config's own validation."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with these options (flags override it)")
+    for name, field in config_cls.model_fields.items():
+        default = defaults.get(name, field.default)
+        required = field.is_required()
+        shown = "required" if required else f"default: {shell_value(default)}" if default is not None else "optional"
+        help_text = f"{field.description or ''} ({shown})".strip()
+        if field.annotation is bool:
+            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+            continue
+        choices = _choices(field.annotation)
+        parser.add_argument(flag(name), dest=name, default=None, choices=choices,
+                            metavar=None if choices else name.upper(), help=help_text.replace("%", "%%"))
+
+
+def _config(args: argparse.Namespace, config_cls: type[Config]):
     overrides = {name: getattr(args, name) for name in config_cls.model_fields if getattr(args, name, None) is not None}
     return config_cls.load(args.config, **overrides)
 
@@ -59,7 +70,7 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["ranklens", *sys.argv[1:]])
 
 
-# ---------------------------------------------------------------------------- commands
+# ---------------------------------------------------------------------------- commands (each imports its job lazily)
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -74,9 +85,8 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 def _cmd_sites(args: argparse.Namespace) -> None:
     from ranklens.lm.load import load_model
-    from ranklens.lm.sites import describe
 
-    arch = describe(load_model(args.model, dtype="float32").model)
+    arch = load_model(args.model, dtype="float32").arch
     print(f"{args.model}: family {arch.family}, {arch.n_layers} layers, d_model {arch.d_model}, "
           f"{arch.n_heads} heads ({arch.n_kv_heads} KV), d_head {arch.d_head}, d_mlp {arch.d_mlp}")
     for site, dim in arch.sites():
@@ -84,7 +94,7 @@ def _cmd_sites(args: argparse.Namespace) -> None:
 
 
 def _cmd_collect(args: argparse.Namespace) -> None:
-    from ranklens.data.collect import CollectConfig, collect
+    from ranklens.data.collect import collect
 
     store = collect(_config(args, CollectConfig), args.out, progress=not args.quiet)
     print(f"{store.n_tokens} tokens of {', '.join(store.sites)} in {args.out}")
@@ -92,7 +102,7 @@ def _cmd_collect(args: argparse.Namespace) -> None:
 
 def _cmd_spectrum(args: argparse.Namespace) -> None:
     from ranklens.distributed import init_from_env, is_main, shutdown
-    from ranklens.spectrum.job import SpectrumConfig, run_spectrum
+    from ranklens.spectrum.job import run_spectrum
 
     cfg = _config(args, SpectrumConfig)
     distributed = init_from_env(cfg.device)  # under torchrun: the ranks share the accumulation
@@ -107,7 +117,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_sae(args: argparse.Namespace) -> None:
-    from ranklens.train.sae_job import SAETrainConfig, train_sae
+    from ranklens.train.sae_job import train_sae
 
     metrics = train_sae(_config(args, SAETrainConfig), args.out, progress=not args.quiet)
     print(json.dumps(metrics, indent=1))
@@ -115,13 +125,13 @@ def _cmd_train_sae(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_sae(args: argparse.Namespace) -> None:
-    from ranklens.train.sae_job import SAEEvalConfig, eval_sae
+    from ranklens.eval.jobs import eval_sae
 
     print(json.dumps(eval_sae(args.directory, _config(args, SAEEvalConfig)), indent=1))
 
 
 def _cmd_train_lorsa(args: argparse.Namespace) -> None:
-    from ranklens.train.lorsa_job import LorsaTrainConfig, train_lorsa
+    from ranklens.train.lorsa_job import train_lorsa
 
     metrics = train_lorsa(_config(args, LorsaTrainConfig), args.out, progress=not args.quiet)
     print(json.dumps(metrics, indent=1))
@@ -129,13 +139,13 @@ def _cmd_train_lorsa(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_lorsa(args: argparse.Namespace) -> None:
-    from ranklens.train.lorsa_job import LorsaEvalConfig, eval_lorsa
+    from ranklens.eval.jobs import eval_lorsa
 
     print(json.dumps(eval_lorsa(args.directory, _config(args, LorsaEvalConfig)), indent=1))
 
 
 def _cmd_zpattern(args: argparse.Namespace) -> None:
-    from ranklens.analysis.lorsa_jobs import ZPatternConfig, run_zpattern
+    from ranklens.analysis.lorsa_jobs import run_zpattern
 
     cfg = _config(args, ZPatternConfig)
     record = run_zpattern(args.directory, cfg)
@@ -143,53 +153,63 @@ def _cmd_zpattern(args: argparse.Namespace) -> None:
 
 
 def _cmd_lorsa_top(args: argparse.Namespace) -> None:
-    from ranklens.analysis.lorsa_jobs import LorsaTopConfig, run_lorsa_top
+    from ranklens.analysis.lorsa_jobs import run_lorsa_top
 
     print(f"top activations and attribution: {run_lorsa_top(args.directory, _config(args, LorsaTopConfig))}")
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from ranklens.reproduce.job import reproduce
-    from ranklens.reproduce.presets import ReproduceConfig
 
     reproduce(_config(args, ReproduceConfig), args.out, progress=not args.quiet, command=_command_line())
     print(f"report: {Path(args.out) / 'report.html'}")
 
 
-def _job(sub, name: str, help_text: str, config_cls, func: Callable, *, out: bool = True) -> argparse.ArgumentParser:
+# ---------------------------------------------------------------------------- the parser
+
+
+def _job(sub, name: str, help_text: str, config_cls: type[Config], func: Callable, *, out: bool = True,
+         defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
-    _config_flags(p, config_cls)
+    _config_flags(p, config_cls, defaults or {})
     if out:
-        p.add_argument("--out", required=True, help="run directory (resumed or reused if it holds the same run)")
+        p.add_argument("--out", required=True, metavar="DIR",
+                       help="run directory (resumed or reused if it holds the same run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=func)
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ranklens.analysis.lorsa_jobs import LorsaTopConfig, ZPatternConfig
-    from ranklens.data.collect import CollectConfig
-    from ranklens.reproduce.presets import ReproduceConfig
-    from ranklens.spectrum.job import SpectrumConfig
-    from ranklens.train.lorsa_job import LorsaEvalConfig, LorsaTrainConfig
-    from ranklens.train.sae_job import SAEEvalConfig, SAETrainConfig
+def _preset_in(argv: Sequence[str]) -> str:
+    """The preset named on a command line, so `reproduce --preset standard --help` shows that preset's values."""
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return "quick"
 
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ranklens", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"ranklens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("models", help="list the embedded models").set_defaults(func=_cmd_models)
     p = sub.add_parser("sites", help="list every activation site of a model with its dimension")
-    p.add_argument("--model", required=True, help=HELP["model"])
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.set_defaults(func=_cmd_sites)
     _job(sub, "collect", "capture activations of sites over a corpus into an on-disk store", CollectConfig,
          _cmd_collect)
     _job(sub, "spectrum", "effective rank, singular spectra, loss recovered and the W_O decomposition of sites "
                           "(paper Section 4), with figures and an HTML report", SpectrumConfig, _cmd_spectrum)
-    train = sub.add_parser("train", help="train a sparse dictionary").add_subparsers(dest="what", required=True)
+    train = sub.add_parser("train", help="train a sparse dictionary").add_subparsers(dest="what", required=True,
+                                                                                      metavar="WHAT")
     _job(train, "sae", "train a sparse autoencoder on one site (TopK/BatchTopK/JumpReLU/ReLU; standard, ASI or "
                        "random-subspace init; Adam or SparseAdam; AuxK)", SAETrainConfig, _cmd_train_sae)
     _job(train, "lorsa", "train a Lorsa (low-rank sparse attention) replacing one attention layer (default, MHSA-QK "
                          "or ASI init; Adam or SparseAdam; AuxK)", LorsaTrainConfig, _cmd_train_lorsa)
-    evaluate = sub.add_parser("eval", help="evaluate a trained dictionary").add_subparsers(dest="what", required=True)
+    evaluate = sub.add_parser("eval", help="evaluate a trained dictionary").add_subparsers(dest="what", required=True,
+                                                                                         metavar="WHAT")
     p = _job(evaluate, "sae", "evaluate an SAE (a ranklens run, or a SAELens/LlamaScope directory) on held-out text",
              SAEEvalConfig, _cmd_eval_sae, out=False)
     p.add_argument("directory", help="a `ranklens train sae` run directory or an SAE directory")
@@ -204,14 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
                                "original heads (Lorsa paper Section 4.1, App. F), as JSON", LorsaTopConfig,
              _cmd_lorsa_top, out=False)
     p.add_argument("directory", help=lorsa_dir)
+    preset = _preset_in(argv)
     _job(sub, "reproduce", "the experiments of the dimensional-collapse paper as one resumable pipeline (preset "
-                           "quick, standard or paper), with results.json and a report with computed verdicts",
-         ReproduceConfig, _cmd_reproduce)
+                           "quick, standard, long or paper), with results.json and a report with computed verdicts",
+         ReproduceConfig, _cmd_reproduce, defaults={**PRESETS.get(preset, {}), "preset": preset})
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    from ranklens.allocator import retain_freed_memory
+
     retain_freed_memory()  # training loops reuse their large temporaries' pages (ranklens.allocator)
     try:
         args.func(args)
@@ -226,4 +250,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -8,6 +8,7 @@ written through ``ranklens.io`` (a temporary name, then a rename), so a killed j
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -39,3 +40,14 @@ def prepare_run_dir(out: str | Path, config: Config, job: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, yaml.safe_dump(record, sort_keys=False))
     return out
+
+
+def read_run_config(directory: str | Path, job: str) -> dict[str, Any]:
+    """The resolved config a finished or running `job` recorded in its run directory (without the job name)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise RanklensError(f"{str(directory)!r} holds no {CONFIG_NAME}; expected a ranklens {job} run directory")
+    record = yaml.safe_load(path.read_text()) or {}
+    if record.get("job") != job:
+        raise RanklensError(f"{str(directory)!r} holds a {record.get('job')!r} run; expected a {job} run")
+    return {k: v for k, v in record.items() if k != "job"}

@@ -16,13 +16,14 @@ import torch
 
 from ranklens.analysis.lorsa_attribution import HeadAttribution
 from ranklens.analysis.top_activations import TopActivations, context_windows
+from ranklens.data.corpus import HeldOutSource
 from ranklens.data.tokenize import SpecialTokens, first_tokens, token_batches
 from ranklens.dictionaries.lorsa import Lorsa
 from ranklens.errors import RanklensError
-from ranklens.eval.held_out import EVAL_BATCH_TOKENS, HeldOutSource
+from ranklens.eval.held_out import EVAL_BATCH_TOKENS
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel
-from ranklens.lm.sites import describe, per_head_outputs
+from ranklens.lm.sites import per_head_outputs
 
 __all__ = ["interpret", "z_pattern_record"]
 
@@ -51,7 +52,7 @@ def z_pattern_record(lorsa: Lorsa, lm: LoadedModel, layer: int, text: str, head:
         raise RanklensError("--text is empty after tokenization; expected some text")
     ids = [*special.prefix, *body][: context_length - len(special.suffix)] + list(special.suffix)
     site = f"L{layer}.attn_in"
-    x = Capturer(lm.model, [site])(torch.tensor([ids], device=lm.device))[site].to(lorsa.W_V.dtype)
+    x = Capturer(lm.arch, [site])(torch.tensor([ids], device=lm.device))[site].to(lorsa.W_V.dtype)
     pattern = lorsa.z_pattern(x[0], head)  # [T, T]
     out = lorsa(x)
     picked = (out.indices[0] == head) & (out.values[0] > 0)  # [T, K]
@@ -67,9 +68,9 @@ def interpret(lorsa: Lorsa, lm: LoadedModel, layer: int, source: HeldOutSource, 
               window: tuple[int, int] = (12, 4), attribution: bool = True) -> dict:
     """Top activations of every head over `tokens` ordinary tokens of `source` (and their attribution to the MHSA
     heads): {"top_activations": ..., "attribution": ... or None}."""
-    arch = describe(lm.model)
+    arch = lm.arch
     sites = [f"L{layer}.attn_in"] + ([f"L{layer}.attn_z"] if attribution else [])
-    capture = Capturer(lm.model, sites)
+    capture = Capturer(lm.arch, sites)
     W_O_mhsa = arch.output_projection(layer)[0].detach()
     top = TopActivations(lorsa.n_heads, n_top, window[0] + 1 + window[1])
     attr = HeadAttribution(lorsa.n_heads, arch.n_heads) if attribution else None

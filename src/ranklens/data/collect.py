@@ -15,28 +15,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 import ranklens
-from ranklens.config import Config
+from ranklens.data.config import CollectConfig
 from ranklens.data.corpus import iter_documents
 from ranklens.data.store import ActivationStore, ActivationStoreWriter
-from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, token_batches
+from ranklens.data.tokenize import token_batches
 from ranklens.errors import RanklensError
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
-from ranklens.lm.sites import describe, parse_sites
-
-
-class CollectConfig(Config):
-    model: str = "smollm2-135m"
-    sites: str = "L15.attn_out"
-    corpus: str = "default"
-    tokens: int = 100_000
-    context_length: int = DEFAULT_CONTEXT_LENGTH
-    seed: int = 0
-    dtype: str = "auto"  # the model's compute dtype
-    store_dtype: str = "model"  # dtype on disk; `model` = the compute dtype
-    batch_tokens: int = 8192  # padded positions per forward pass
-    shard_tokens: int = 65_536
-    device: str = "cpu"
+from ranklens.lm.sites import parse_sites
 
 
 def check_context_length(model, context_length: int) -> None:
@@ -52,11 +38,9 @@ def check_context_length(model, context_length: int) -> None:
 def collect(cfg: CollectConfig, out: str | Path, progress: bool = True, lm: LoadedModel | None = None,
             ) -> ActivationStore:
     """Collect (or resume, or reuse) the store in `out`; `lm` reuses a model the caller already loaded."""
-    if cfg.tokens < 1:
-        raise RanklensError(f"--tokens {cfg.tokens} must be positive")
     lm = lm or load_model(cfg.model, cfg.dtype, cfg.device)
     check_context_length(lm.model, cfg.context_length)
-    arch = describe(lm.model)
+    arch = lm.arch
     sites = parse_sites(cfg.sites, arch.n_layers)
     store_dtype = lm.dtype if cfg.store_dtype == "model" else resolve_dtype(cfg.store_dtype)
     meta = {"model": cfg.model, "corpus": cfg.corpus, "seed": cfg.seed, "context_length": cfg.context_length,
@@ -83,7 +67,7 @@ def _fill(writer: ActivationStoreWriter, lm, sites, cfg: CollectConfig, document
     bar = tqdm(total=cfg.tokens, initial=min(writer.n_tokens, cfg.tokens), unit="tok", desc="collect",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     tokens = writer.n_tokens
-    with Capturer(lm.model, sites) as capture:
+    with Capturer(lm.arch, sites) as capture:
         for batch in token_batches(documents, lm.tokenizer, cfg.context_length, cfg.batch_tokens):
             if tokens >= cfg.tokens:
                 break

@@ -43,11 +43,12 @@ import contextlib
 import functools
 import hashlib
 import io
+import itertools
 import json
 import random
 from array import array
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -619,3 +620,24 @@ def describe_corpus(spec: str, *, hash_files: bool = True) -> dict[str, Any]:
     elif parsed.kind == "parquet":
         info["n_rows"] = _parquet_file(path).metadata.num_rows  # blank texts are skipped, so an upper bound
     return info
+
+
+@dataclass(frozen=True)
+class HeldOutSource:
+    """Which text is held out: the documents of `corpus` (in its `seed` order) from `start_doc` on."""
+
+    corpus: str
+    seed: int
+    start_doc: int
+    context_length: int
+
+    def documents(self) -> Iterator[str]:
+        return itertools.islice(iter_documents(self.corpus, seed=self.seed), self.start_doc, None)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> HeldOutSource:
+        return cls(str(record["corpus"]), int(record["seed"]), int(record["start_doc"]),
+                   int(record["context_length"]))

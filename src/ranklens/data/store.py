@@ -47,6 +47,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ranklens.data.corpus import HeldOutSource
 from ranklens.errors import RanklensError
 from ranklens.io import atomic_path, atomic_write_text
 
@@ -332,6 +333,11 @@ class _ManifestView:
     def docs_consumed(self) -> int:
         """Documents consumed by what is durably on disk (where a resumed collector starts)."""
         return self._man.docs_consumed
+
+    def held_out(self) -> HeldOutSource:
+        """The documents after those the store holds (text a dictionary trained on it never saw)."""
+        m = self._man.meta
+        return HeldOutSource(m["corpus"], int(m["seed"]), self.docs_consumed, int(m["context_length"]))
 
     @property
     def n_positions(self) -> int:

@@ -34,7 +34,7 @@ class StreamSource:
         # The tokens past the chunk size in a chunk's last forward batch are dropped; small batches next to the
         # chunk keep that waste under 1/8.
         self.forward_tokens = max(1, min(forward_tokens, self.chunk_tokens // 8))
-        self.capture = Capturer(lm.model, site)
+        self.capture = Capturer(lm.arch, site)
         self._last: tuple[int, torch.Tensor, int] | None = None  # (first document, rows, next document)
 
     @property

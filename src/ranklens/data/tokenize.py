@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ranklens.config import DEFAULT_CONTEXT_LENGTH
 from ranklens.errors import RanklensError
-
-DEFAULT_CONTEXT_LENGTH = 1024
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from ranklens.dictionaries.lorsa import Lorsa, LorsaConfig
 from ranklens.errors import RanklensError
 from ranklens.io import atomic_directory
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_lorsa", "save_lorsa"]
+__all__ = ["CONFIG_NAME", "RUN_LORSA_DIR", "WEIGHTS_NAME", "load_lorsa", "open_lorsa", "save_lorsa"]
 
 WEIGHTS_NAME = "lorsa.safetensors"
 CONFIG_NAME = "cfg.json"
@@ -57,3 +57,20 @@ def load_lorsa(directory: str | Path, device: torch.device | str | None = None) 
         raise RanklensError(f"{str(weights)!r} does not fit its cfg.json: {err}") from err
     record.pop("format")
     return lorsa, record
+
+
+RUN_LORSA_DIR = "lorsa"  # where `ranklens train lorsa` saves its Lorsa inside a run directory
+
+
+def open_lorsa(directory: str | Path, device: torch.device | str | None = None) -> tuple[Lorsa, dict[str, Any], Path | None]:
+    """(Lorsa, its saved metadata, the run directory or None) of a `ranklens train lorsa` run directory or of a saved
+    Lorsa directory."""
+    directory = Path(directory)
+    if (directory / RUN_LORSA_DIR).is_dir():
+        lorsa, meta = load_lorsa(directory / RUN_LORSA_DIR, device=device)
+        return lorsa, meta, directory
+    if not directory.is_dir():
+        raise RanklensError(f"{str(directory)!r} is not a directory; expected a `ranklens train lorsa` run or a Lorsa "
+                            "directory")
+    lorsa, meta = load_lorsa(directory, device=device)
+    return lorsa, meta, None

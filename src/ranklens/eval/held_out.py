@@ -1,28 +1,27 @@
 """Held-out evaluation of sparse autoencoders, prepared once and reused for every dictionary evaluated on it.
 
-A ``HeldOutSet`` holds the text after a training store (``HeldOutSource``: corpus, seed, first document, context
-length) and what every evaluation on it shares: the activations of its sites over ``eval_tokens`` ordinary tokens
-(one early-stopped forward pass for all sites), the token batches of the spliced LM loss, and the clean and
-zero-ablated cross-entropies per site. Evaluating a dictionary then costs its own forward over the cached
-activations and one spliced pass of the layers from its site on (the input of the site's layer is captured once).
-``ranklens train sae`` builds one per run; ``ranklens reproduce``
-builds one per store and evaluates dozens of SAEs on it, with the same numbers each run would give alone.
+A ``HeldOutSet`` holds the text after a run's training data (``ranklens.data.corpus.HeldOutSource``: corpus, seed,
+first document, context length) and what every evaluation on it shares: the activations of its sites over
+``eval_tokens`` ordinary tokens (one early-stopped forward pass for all sites), the token batches of the spliced LM
+loss, and the clean and zero-ablated cross-entropies per site. Evaluating a dictionary then costs its own forward
+over the cached activations and one spliced pass of the layers from its site on (the input of the site's layer is
+captured once). ``ranklens train sae`` builds one per run; ``ranklens reproduce`` builds one per store and evaluates
+dozens of SAEs on it, with the same numbers each run would give alone.
 
-Metrics (DESIGN.md): FVU (``nmse``), ``nmse_uncentered``, explained variance, L0 and dead features over the evaluation
-tokens (``ReconstructionMetrics``), and ``ce_clean``, ``ce_spliced``, ``ce_zero_ablation``, ``delta_lm_loss``,
-``loss_recovered`` over ``lm_eval_tokens`` (App. B; footnote 8 of the dimensional-collapse paper).
+Metrics (``ranklens.eval.metrics``; the README's Definitions): ``fvu``, ``nmse_uncentered``, explained variance, L0
+and dead features over the evaluation tokens (``ReconstructionMetrics``), and ``ce_clean``, ``ce_spliced``,
+``ce_zero_ablation``, ``delta_lm_loss``, ``loss_recovered`` over ``lm_eval_tokens`` (App. B; footnote 8 of the
+dimensional-collapse paper).
 """
 
 from __future__ import annotations
 
-import itertools
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
-from ranklens.data.corpus import iter_documents
+from ranklens.data.corpus import HeldOutSource
 from ranklens.data.tokenize import first_tokens, token_batches
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.errors import RanklensError
@@ -30,22 +29,9 @@ from ranklens.eval.lm_loss import cross_entropies, layer_inputs, spliced_metrics
 from ranklens.eval.metrics import ReconstructionMetrics
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel
-from ranklens.lm.sites import Site, describe
+from ranklens.lm.sites import Site
 
 EVAL_BATCH_TOKENS = 8192  # padded positions per forward pass
-
-
-@dataclass(frozen=True)
-class HeldOutSource:
-    """Which text is held out: the documents of `corpus` (in its `seed` order) from `start_doc` on."""
-
-    corpus: str
-    seed: int
-    start_doc: int
-    context_length: int
-
-    def documents(self) -> Iterator[str]:
-        return itertools.islice(iter_documents(self.corpus, seed=self.seed), self.start_doc, None)
 
 
 class HeldOutSet:
@@ -54,18 +40,16 @@ class HeldOutSet:
     def __init__(self, lm: LoadedModel, sites: Sequence[str], source: HeldOutSource, eval_tokens: int,
                  lm_eval_tokens: int) -> None:
         self.lm = lm
-        self.arch = describe(lm.model)
+        self.arch = lm.arch
         self.source = source
         self.eval_tokens = eval_tokens
         self.lm_eval_tokens = lm_eval_tokens
-        parsed = [Site.parse(s) for s in sites]
-        for site in parsed:
-            self.arch.check_site(site)
+        parsed = [self.arch.site(s) for s in sites]
         self.sites = tuple(s.name for s in parsed)
         batches = first_tokens(token_batches(source.documents(), lm.tokenizer, source.context_length,
                                              EVAL_BATCH_TOKENS), max(eval_tokens, lm_eval_tokens))
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.sites}
-        capture = Capturer(lm.model, parsed)
+        capture = Capturer(lm.arch, parsed)
         seen = 0
         for batch in batches:
             if seen >= eval_tokens:
@@ -121,6 +105,8 @@ class HeldOutSet:
         result = self.reconstruction(sae, site)
         if not self.arch.causal:
             print(f"note: {self.lm.name} is not a causal LM; skipping the spliced LM loss", file=sys.stderr)
+            return result
+        if not self.lm_batches:
             return result
 
         def reconstruct(x: torch.Tensor) -> torch.Tensor:

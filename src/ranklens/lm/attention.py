@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from ranklens.errors import RanklensError
-from ranklens.lm.sites import describe
+from ranklens.lm.sites import Architecture, as_architecture
 
 __all__ = [
     "MHSAWeights",
@@ -322,13 +322,14 @@ def _bias_heads(bias: torch.Tensor | None, n: int, dh: int) -> torch.Tensor | No
     return None if bias is None else bias.detach().reshape(n, dh).clone()
 
 
-def mhsa_weights(model: nn.Module, layer: int) -> MHSAWeights:
-    """The attention of `layer` of a Hugging Face model of a supported family, as an ``MHSAWeights``."""
-    arch = describe(model)
+def mhsa_weights(model: nn.Module | Architecture, layer: int) -> MHSAWeights:
+    """The attention of `layer` of a Hugging Face model of a supported family (or its Architecture), as an
+    ``MHSAWeights``."""
+    arch = as_architecture(model)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < arch.n_layers:
         raise RanklensError(f"layer {layer!r} is out of range; expected an int in 0..{arch.n_layers - 1}")
     block = arch.layers[layer]
-    config = model.config
+    config = arch.base_model.config
     H, Hkv, dh, d = arch.n_heads, arch.n_kv_heads, arch.d_head, arch.d_model
     W_O, b_O = arch.output_projection(layer)
     positions: RopeSpec | None = None

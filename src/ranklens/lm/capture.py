@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ranklens.errors import RanklensError
-from ranklens.lm.sites import Architecture, HookPoint, Site, describe, parse_sites
+from ranklens.lm.sites import Architecture, HookPoint, Site, as_architecture, parse_sites
 
 
 class _StopForward(Exception):
@@ -110,9 +110,8 @@ class Capturer:
                 acts = capture(ids, mask)
     """
 
-    def __init__(self, model: nn.Module, sites: SiteSpec, *, inference_mode: bool = True) -> None:
-        self.model = model
-        self.arch = describe(model)
+    def __init__(self, model: nn.Module | Architecture, sites: SiteSpec, *, inference_mode: bool = True) -> None:
+        self.arch = as_architecture(model)
         self.sites: tuple[Site, ...] = tuple(resolve_sites(self.arch, sites))
         self.names: tuple[str, ...] = tuple(s.name for s in self.sites)
         self.last_layer: int = max(s.layer for s in self.sites)
@@ -209,7 +208,7 @@ def _owner(root: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
 
 
 def truncated_forward(
-    model: nn.Module,
+    model: nn.Module | Architecture,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     last_layer: int | None = None,
@@ -219,7 +218,7 @@ def truncated_forward(
     Returns the residual stream after `last_layer` ([batch, seq, d_model]; equals capture of `L{last_layer}.resid_post`).
     Works by temporarily swapping in a truncated layer list and an identity final norm (BERT: no pooler), so it is not
     safe to run concurrently with other uses of the same model object."""
-    arch = describe(model)
+    arch = as_architecture(model)
     last = arch.n_layers - 1 if last_layer is None else last_layer
     arch.check_site(Site(last, "resid_post"))
     base = arch.base_model

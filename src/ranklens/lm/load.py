@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from ranklens.errors import RanklensError
 from ranklens.io import atomic_directory
+from ranklens.lm.sites import Architecture, describe
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -52,12 +53,14 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass
 class LoadedModel:
-    """A model ready for capture: weights in eval mode on `device`, its tokenizer, and how it was named."""
+    """A model ready for capture: weights in eval mode on `device`, its tokenizer, how it was named, and where its
+    sites live (``arch``, resolved once at load and passed down)."""
 
     model: torch.nn.Module
     tokenizer: object  # a transformers PreTrainedTokenizerBase
     name: str
     dtype: torch.dtype
+    arch: Architecture
 
     @property
     def device(self) -> torch.device:
@@ -192,4 +195,4 @@ def load_model(name: str, dtype: str | torch.dtype = "auto", device: str | torch
         raise RanklensError(f"could not load model {name!r}: {str(err).splitlines()[0]}") from err
     model.to(device).eval()
     model.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, dtype=torch_dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, dtype=torch_dtype, arch=describe(model))

@@ -202,6 +202,15 @@ class Architecture:
     def parse(self, pattern: str) -> list[Site]:
         return parse_sites(pattern, self.n_layers)
 
+    def site(self, name: str) -> Site:
+        """Exactly one site from a name or a one-site pattern (`L15.attn_out`, `Lmid.attn_out`), checked against
+        this model's layers."""
+        sites = parse_sites(name, self.n_layers)
+        if len(sites) != 1:
+            raise RanklensError(f"{name!r} names {len(sites)} sites; expected exactly one, e.g. 'L15.attn_out' or "
+                                "'Lmid.attn_out'")
+        return sites[0]
+
     def check_site(self, site: Site) -> None:
         if site.layer >= self.n_layers:
             raise RanklensError(
@@ -357,6 +366,11 @@ def describe(model: nn.Module) -> Architecture:
         parallel_residual=parallel,
         accepts_use_cache=accepts_use_cache,
     )
+
+
+def as_architecture(model: nn.Module | Architecture) -> Architecture:
+    """The Architecture of a loaded model, or the Architecture itself (so callers that hold one pass it down)."""
+    return model if isinstance(model, Architecture) else describe(model)
 
 
 def per_head_outputs(z: torch.Tensor, W_O: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from ranklens.eval.held_out import HeldOutSet
 from ranklens.lm.load import LoadedModel, load_model
 from ranklens.lm.sites import Site
 from ranklens.reproduce.plan import Cell, Plan
-from ranklens.train.sae_job import METRICS_NAME, train_sae, training_held_out
+from ranklens.train.sae_job import METRICS_NAME, train_sae
 from ranklens.train.trainer import CHECKPOINT_NAME
 
 _HELD_OUT_LAYERS = 2  # held-out sets kept in memory (one per layer; the sweep visits layers in order)
@@ -51,7 +51,7 @@ class Context:
         if layer not in self._held_out:
             plan, c = self.plan, self.plan.cfg
             sites = [s for s in plan.store_sites if Site.parse(s).layer == layer]
-            source = training_held_out(plan.sae_config(plan.cell("TopK", site=site)), self.lm, plan.out)
+            source = self.store().held_out()
             self._held_out[layer] = HeldOutSet(self.lm, sites, source, c.eval_tokens, c.lm_eval_tokens)
             while len(self._held_out) > _HELD_OUT_LAYERS:
                 self._held_out.popitem(last=False)

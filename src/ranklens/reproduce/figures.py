@@ -107,16 +107,16 @@ def curve_panels(panels: Sequence[Panel], path: Path, title: str | None = None) 
 
 def dead_vs_erank(points: Sequence[Mapping], path: Path, title: str | None = None) -> Path:
     """Figure 5: dead-feature fraction per layer (left) and against the site's effective rank (right).
-    Each point: site, layer, kind, effective_rank, dead_fraction."""
+    Each point: site, layer, kind, effective_rank, train_dead_fraction."""
     if not points:
         raise ValueError("dead_vs_erank: no points; expected one per sweep site")
     fig, (left, right) = _figure(2)
     for kind in sorted({p["kind"] for p in points}):
         pts = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["layer"])
         color = KIND_COLORS.get(kind, "black")
-        left.plot([p["layer"] for p in pts], [p["dead_fraction"] for p in pts], marker="o", color=color,
+        left.plot([p["layer"] for p in pts], [p["train_dead_fraction"] for p in pts], marker="o", color=color,
                   label=kind_label(kind))
-        right.scatter([p["effective_rank"] for p in pts], [p["dead_fraction"] for p in pts], color=color,
+        right.scatter([p["effective_rank"] for p in pts], [p["train_dead_fraction"] for p in pts], color=color,
                       label=kind_label(kind))
     left.set_xlabel("layer")
     right.set_xlabel("effective rank of the site")

@@ -39,8 +39,8 @@ from ranklens.reproduce.presets import ReproduceConfig
 from ranklens.rundir import prepare_run_dir
 
 EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa, lr_sweep, budget]
-# Experiments that read another's record: the W_O analysis reads the spectrum job's.
-NEEDS = {"wo": "low_rank"}
+# Experiments that read another's record: the W_O analysis and the dead-feature sweep read the spectrum job's.
+NEEDS = {"wo": "low_rank", "dead_vs_rank": "low_rank"}
 
 
 def selected(cfg: ReproduceConfig) -> list:

@@ -29,6 +29,7 @@ from typing import Any
 
 from ranklens.errors import RanklensError
 from ranklens.io import atomic_write_json, read_json
+from ranklens.reproduce.results_format import STEP_FORMAT, upgrade_step
 
 STEPS_DIR = "steps"
 
@@ -60,7 +61,7 @@ def load_step(out: Path, step: Step) -> dict[str, Any] | None:
     path = step_path(out, step.name)
     if not path.exists():
         return None
-    record = read_json(path)
+    record = upgrade_step(read_json(path))
     if record.get("config") != _plain(step.config):
         raise RanklensError(f"step {step.name!r} in {str(out)!r} was made with another config; expected the same "
                             "run directory for the same command, or a new one")
@@ -83,7 +84,7 @@ def run_step(out: Path, step: Step, context: Any) -> dict[str, Any]:
         raise
     # A step whose runs are only known once it ran (they depend on an earlier step's result) returns its commands.
     commands = result.pop("commands", None) or list(step.commands)
-    record = {"name": step.name, "title": step.title, "config": _plain(step.config), "commands": commands,
+    record = {"format": STEP_FORMAT, "name": step.name, "title": step.title, "config": _plain(step.config), "commands": commands,
               "wall_seconds": earlier["seconds"] + time.monotonic() - start, "attempts": earlier["attempts"] + 1,
               "finished": datetime.now(UTC).isoformat(timespec="seconds"), "result": result}
     atomic_write_json(step_path(out, step.name), record)

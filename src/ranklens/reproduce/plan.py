@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ranklens.data.collect import CollectConfig
+from ranklens.data.config import CollectConfig
 from ranklens.reproduce.commands import cli_command
 from ranklens.reproduce.presets import ReproduceConfig
-from ranklens.train.sae_job import SAETrainConfig
+from ranklens.train.config import SAETrainConfig
 
 STORE_DIR = "stores/sae"
 SAE_DIR = "sae"

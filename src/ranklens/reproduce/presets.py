@@ -27,87 +27,91 @@ which would leave every Lorsa with an FVU above 1 and hide what the heads learn.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
-from ranklens.config import Config
+from ranklens.config import CorpusFields, ModelFields
 from ranklens.errors import RanklensError
 
 Preset = Literal["quick", "standard", "long", "paper"]
 EXPERIMENT_NAMES = ("low_rank", "wo", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa", "budget")
 
 
-class ReproduceConfig(Config):
-    preset: Preset = "quick"
-    experiments: list[str] = list(EXPERIMENT_NAMES)  # which experiments to run (the shared steps they need come along)
-    model: str = "smollm2-135m"
-    corpus: str = "default"
-    compare_corpora: list[str] = ["prose", "code", "zh"]  # Figure 2 right: the middle layer on each corpus
-    compare_models: list[str] = ["minilm-l6"]  # Figure 2 middle: the middle layer of other models
-    context_length: int = 1024  # App. E.2
-    dtype: str = "auto"
-    device: str = "cpu"
-    seed: int = 0  # seeds of a cell: seed, seed + 1, ...
-    seeds: int = 3  # runs per cell of the seeded experiments (App. H uses 15)
-    alpha: float = 0.05  # significance level of every verdict
+class ReproduceConfig(CorpusFields, ModelFields):
+    """Every field is a flag; a preset sets many of them at once (see the module docstring)."""
+
+    preset: Preset = Field("quick", description="quick, standard, long or paper (see the README); the other flags "
+                                                "override its values")
+    experiments: list[str] = Field(list(EXPERIMENT_NAMES), description="experiments to run, comma-separated, from "
+                                   f"{','.join(EXPERIMENT_NAMES)} (the steps they need come along)")
+    compare_corpora: list[str] = Field(["prose", "code", "zh"], description="Figure 2 right: corpora whose middle "
+                                                                             "layer is measured too")
+    compare_models: list[str] = Field(["minilm-l6"], description="Figure 2 middle: other models whose middle layer "
+                                                                 "is measured")
+    seeds: int = Field(3, ge=1, description="runs per cell of the seeded experiments, seeds --seed, --seed + 1, ... "
+                                            "(App. H: 15)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of every verdict")
     # Experiments 1-2 (Section 4, App. B-D): one spectrum job over every layer.
-    spectrum_tokens: int = 100_000
-    splits: int = 4  # App. C: disjoint splits at the middle layer
-    loss_tokens: int = 1024  # App. B: held-out tokens per loss evaluation
-    loss_points: int = 4
-    compare_tokens: int = 4096
-    # SAE training (App. E.1), shared by experiments 3-7; one activation store feeds them all.
-    store_tokens: int = 16_384  # activations collected once; training cycles over them
-    sae_tokens: int = 32_768  # training tokens per SAE
-    batch_size: int = 512
-    lr: float = 1e-3  # 64 steps: 1e-3 reaches a lower FVU than 4e-4 (0.48 vs 0.66 on SmolLM2 L15.attn_out, TopK)
-    warmup_steps: int = 8
-    expansion: int = 4  # features = expansion * d
-    k: int = 32
-    d_init: int | Literal["auto"] = "auto"  # the main ASI subspace dimension (App. E.1 uses 768 of 4096)
-    aux_k: int = 512  # the AuxK baseline (App. E.1)
-    # b_D's start for every SAE of the run, whatever its init: App. E.3's zero, or the training data's mean. Short runs
-    # need "mean": b_D moves ~lr per step and cannot learn a mean that carries ~40% of E||x||^2 in a few hundred steps.
-    b_dec_init: Literal["zero", "mean"] = "mean"
-    # Held-out FVU and dead features of every SAE during training (curve.jsonl), at these training-token counts and at
-    # the end; the budget experiment draws them and judges its verdicts at `budget_verdict_tokens` too.
-    curve_tokens: list[int] = [4096, 8192, 16_384]
-    # bf16 autocast of the SAE and Lorsa matmuls (fp32 weights and Adam): 1.4x the float32 speed at 4,608 features
-    # here, same training FVU to 4 digits (0.1943 vs 0.1942 after 200 steps on SmolLM2 L15.attn_out)
-    train_dtype: Literal["float32", "bfloat16"] = "float32"
-    init_tokens: int = 16_384  # tokens behind the ASI basis
-    eval_tokens: int = 2048
-    lm_eval_tokens: int = 512
+    spectrum_tokens: int = Field(100_000, gt=0, description="tokens per site of the spectrum of every layer")
+    splits: int = Field(4, ge=1, description="App. C: disjoint splits at the middle layer")
+    loss_tokens: int = Field(1024, gt=0, description="App. B: held-out tokens per loss evaluation")
+    loss_points: int = Field(4, ge=2, description="App. B: grid points over n before the bisection")
+    compare_tokens: int = Field(4096, gt=0, description="tokens per comparison setting (Figure 2)")
+    # SAE training (App. E.1), shared by experiments 3-7 and 9; one activation store feeds them all.
+    store_tokens: int = Field(16_384, gt=0, description="activations collected once; training reads them in epochs")
+    sae_tokens: int = Field(32_768, gt=0, description="training tokens per SAE")
+    batch_size: int = Field(512, gt=0, description="SAE training batch (tokens)")
+    lr: float = Field(1e-3, gt=0, description="SAE learning rate (quick: 1e-3 reaches FVU 0.48 against 0.66 for "
+                                              "4e-4 in 64 steps on SmolLM2 L15.attn_out, TopK)")
+    warmup_steps: int = Field(8, ge=0, description="SAE warm-up steps (at most 10% of a run)")
+    expansion: int = Field(4, ge=1, description="SAE features = expansion x d")
+    k: int = Field(32, ge=1, description="SAE active features per token")
+    d_init: int | Literal["auto"] = Field("auto", description="the main ASI subspace dimension: an integer, or auto "
+                                                              "(the README's Definitions)")
+    aux_k: int = Field(512, ge=1, description="the AuxK baseline's k_aux (App. E.1)")
+    b_dec_init: Literal["zero", "mean"] = Field(
+        "mean", description="b_D's start for every SAE, whatever its init: zero (App. E.3) or the training data's "
+                            "mean (short runs cannot learn a mean that carries ~40% of E||x||^2)")
+    curve_tokens: list[int] = Field([4096, 8192, 16_384], description="held-out FVU and dead counts of every SAE "
+                                    "during training (curve.jsonl), at these training-token counts and at the end")
+    train_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="float32, or bfloat16 autocast of the SAE and Lorsa matmuls (fp32 weights and Adam)")
+    init_tokens: int = Field(16_384, gt=0, description="tokens behind the ASI basis and b_D's mean")
+    eval_tokens: int = Field(2048, gt=0, description="held-out tokens for FVU and the evaluation dead count")
+    lm_eval_tokens: int = Field(512, ge=0, description="held-out tokens for the spliced LM loss")
     # Experiment 3 (Figure 5, App. F): one standard-init TopK SAE per site of the sampled layers.
-    sweep_layers: int | Literal["all"] = 5  # evenly spaced layers (always with the middle one), or all
+    sweep_layers: int | Literal["all"] = Field(5, description="layers of the dead-feature sweep: a count (evenly "
+                                                              "spaced, always with the middle one) or all")
     # Experiment 4 (Figures 6, 7; Tables 4, 5; App. H).
-    d_init_values: list[int] = [32, 128]
-    k_values: list[int] = [16, 32]
+    d_init_values: list[int] = Field([32, 128], description="Figure 6: the d_init sweep")
+    k_values: list[int] = Field([16, 32], description="Figure 7: the k sweep")
     # Experiment 6 (Figure 8): dictionary sizes (multiples of d), one seed each.
-    scaling_expansions: list[int] = [2, 4, 8, 16, 32]
-    scaling_tokens: int = 16_384
+    scaling_expansions: list[int] = Field([2, 4, 8, 16, 32], description="Figure 8: dictionary sizes, multiples of d")
+    scaling_tokens: int = Field(16_384, gt=0, description="training tokens per SAE of Figure 8")
     # Experiment 8 (Section 5.4, Figure 9, App. O): Lorsa at the middle layer, default init against ASI.
-    lorsa_expansion: int = 1  # heads = lorsa_expansion * d (App. O.1: 8)
-    lorsa_qk_groups_per_head: int = 1  # QK groups per MHSA head (App. O.1: 8; Lorsa App. B: at least 1)
-    lorsa_k: int = 16
-    lorsa_tokens: int = 65_536
-    lorsa_batch_tokens: int = 1024
-    lorsa_lr: float = 3e-3  # 64 steps (App. O.1's 2e-4 is for 800M tokens): FVU 0.88 against 1.80 with 2e-4
-    lorsa_warmup_steps: int = 1
-    # "mean" for both inits: a short run cannot move b_O from zero to the target's mean (see LorsaTrainConfig)
-    lorsa_output_bias: Literal["zero", "mean"] = "mean"
+    lorsa_expansion: int = Field(1, ge=1, description="Lorsa heads = lorsa_expansion x d (App. O.1: 8)")
+    lorsa_qk_groups_per_head: int = Field(1, ge=1, description="QK groups per MHSA head (App. O.1: 8; Lorsa App. B: "
+                                                               "at least 1)")
+    lorsa_k: int = Field(16, ge=1, description="Lorsa heads active per token")
+    lorsa_tokens: int = Field(65_536, gt=0, description="training tokens per Lorsa")
+    lorsa_batch_tokens: int = Field(1024, gt=0, description="Lorsa batch (ordinary tokens of whole sequences)")
+    lorsa_lr: float = Field(3e-3, gt=0, description="Lorsa learning rate (quick: FVU 0.88 against 1.80 with App. "
+                                                    "O.1's 2e-4 in 64 steps)")
+    lorsa_warmup_steps: int = Field(1, ge=0, description="Lorsa warm-up steps")
+    lorsa_output_bias: Literal["zero", "mean"] = Field(
+        "mean", description="b_O's start for both inits: zero (App. O.2) or the target's mean (a short run cannot "
+                            "move b_O to a mean of norm ~20)")
     # Experiment 9: TopK, AuxK, ASI (d_init and these extra values) and ASI + SparseAdam over training tokens.
-    budget_d_init_values: list[int] = [128]
-    budget_verdict_tokens: list[int] = [400_000]  # verdicts also stated here (when the run is longer)
-    # A learning-rate sweep before experiment 9 (TopK and ASI, first seed, `lr_sweep_tokens` each): its lr with the
-    # lowest mean held-out FVU replaces `lr` for experiment 9. Empty: no sweep.
-    lr_sweep: list[float] = []
-    lr_sweep_tokens: int = 1_000_000
-    zpattern_text: str = ("When Mary and John went to the store, John gave a drink to Mary. The store was closed, so "
-                          "they walked home.")
+    budget_d_init_values: list[int] = Field([128], description="experiment 9: ASI d_init values besides --d-init")
+    budget_verdict_tokens: list[int] = Field([400_000], description="experiment 9: verdicts also judged at these "
+                                                                    "training-token counts (when the run is longer)")
+    lr_sweep: list[float] = Field([], description="experiment 9: learning rates swept first (TopK and ASI, first "
+                                                  "seed); the lowest mean FVU replaces --lr there. Empty: no sweep")
+    lr_sweep_tokens: int = Field(1_000_000, gt=0, description="training tokens per run of the learning-rate sweep")
+    zpattern_text: str = Field("When Mary and John went to the store, John gave a drink to Mary. The store was "
+                               "closed, so they walked home.", description="experiment 8: the text of the z-pattern "
+                                                                           "figure")
 
     @field_validator("experiments", "compare_corpora", "compare_models", "d_init_values", "k_values",
                      "scaling_expansions", "curve_tokens", "budget_d_init_values", "budget_verdict_tokens", "lr_sweep",
@@ -125,30 +129,12 @@ class ReproduceConfig(Config):
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
     @classmethod
-    def load(cls, path: str | Path | None = None, **overrides: Any) -> ReproduceConfig:
-        """The preset's values, then the YAML file's, then the non-None overrides (the CLI's flags)."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise RanklensError(f"config file {str(path)!r} does not exist")
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise RanklensError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
-            values.update(loaded)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+    def defaults_for(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The values of the preset that `values` name (quick when none)."""
         preset = values.get("preset", "quick")
         if preset not in PRESETS:
             raise RanklensError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-        return cls.build({**PRESETS[preset], **values}, source=str(path) if path else "arguments")
-
-    @field_validator("experiments")
-    @classmethod
-    def _known_experiments(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in EXPERIMENT_NAMES]
-        if unknown:
-            raise ValueError(f"unknown experiments {unknown}; expected names from {', '.join(EXPERIMENT_NAMES)}")
-        return value
+        return PRESETS[preset]
 
     def seed_list(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]

@@ -16,6 +16,7 @@ import yaml
 from ranklens.io import atomic_write_bytes, atomic_write_json
 from ranklens.report.html import Report, software_versions
 from ranklens.reproduce.presets import ReproduceConfig
+from ranklens.reproduce.results_format import RESULTS_FORMAT
 from ranklens.reproduce.verdicts import Verdict
 
 RESULTS_NAME = "results.json"
@@ -84,7 +85,7 @@ def build(out: Path, cfg: ReproduceConfig, plan_info: dict[str, Any], experiment
                                        for m in experiments if m.NAME in records}
     software = {**software_versions(), "git_commit": git_commit()}
     results = {
-        "format": "ranklens.reproduce/1", "command": command, "config": cfg.model_dump(mode="json"),
+        "format": RESULTS_FORMAT, "command": command, "config": cfg.model_dump(mode="json"),
         "plan": plan_info, "scale": scale(cfg, plan_info), "software": software,
         "wall_seconds": sum(r["wall_seconds"] for r in records.values()),
         "steps": {name: {**rec, "verdicts": [v.to_json() for v in found.get(name, [])]}

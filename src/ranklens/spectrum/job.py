@@ -31,9 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
-from ranklens.config import Config
 from ranklens.data.corpus import iter_documents
-from ranklens.data.tokenize import DEFAULT_CONTEXT_LENGTH, TokenBatch, first_tokens, token_batches
+from ranklens.data.tokenize import TokenBatch, first_tokens, token_batches
 from ranklens.distributed import broadcast_error, rank_device, world
 from ranklens.errors import RanklensError
 from ranklens.eval.lm_loss import cross_entropies, layer_inputs, zero_ablation
@@ -42,39 +41,14 @@ from ranklens.linalg.accumulator import CovarianceAccumulator, NormStats
 from ranklens.linalg.basis import PrincipalBasis, principal_basis
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, max_positions
-from ranklens.lm.sites import Architecture, Site, describe, parse_sites
+from ranklens.lm.sites import Architecture, Site, parse_sites
 from ranklens.rundir import prepare_run_dir
+from ranklens.spectrum.config import SpectrumConfig
 from ranklens.spectrum.distributed import gather_accumulators
 from ranklens.spectrum.stats import spectrum_summary, stability_summary, variance_decomposition
 
 RESULT_NAME = "spectrum.json"
 _STATE_NAME = "accumulators.safetensors"
-
-
-class SpectrumConfig(Config):
-    model: str = "smollm2-135m"
-    sites: str = "L*.attn_out,L*.attn_z,L*.mlp_out,L*.resid_post"
-    corpus: str = "default"
-    tokens: int = 100_000
-    context_length: int = DEFAULT_CONTEXT_LENGTH
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "cpu"
-    batch_tokens: int = 8192
-    gram_dtype: str = "float64"  # float32 is faster, with the precision tests/test_accumulator.py measures
-    splits: int = 1  # App. C: disjoint splits for the stability of effective rank and singular values
-    stability_sites: str | None = None  # sites that keep split accumulators (default: all when splits > 1)
-    exclude_outliers: bool = False  # footnote 3: drop activations with norm > mean + sigma * std
-    outlier_sigma: float = 5.0
-    outlier_calibration_tokens: int = 16_384
-    loss_recovered: str | None = None  # site pattern for App. B, e.g. "L15.attn_out,L15.mlp_out"
-    loss_tokens: int = 4096  # held-out tokens for the loss evaluations
-    loss_points: int = 10  # grid points over n before bisection
-    decompose: str | None = None  # layers for the Section 4.4 decomposition, e.g. "15" or "mid" or "10-20"
-    compare: str | None = None  # comparisons, e.g. "corpus=prose,corpus=code,model=minilm-l6"
-    compare_sites: str = "Lmid.attn_out,Lmid.attn_z,Lmid.mlp_out,Lmid.resid_post"
-    compare_tokens: int = 30_000
-    checkpoint_seconds: float = 300.0
 
 
 # --------------------------------------------------------------------------- step 1: accumulation
@@ -177,7 +151,7 @@ def _accumulate_own(lm: LoadedModel, sites: list[Site], split_sites: set[str], c
                     state: AccumulationState | None, gram_dtype: torch.dtype, clip: float | None, progress: bool,
                     rank: int, size: int) -> AccumulationState:
     """This rank's share (every batch when size == 1) of the accumulation, checkpointed to `path`."""
-    capture = Capturer(lm.model, sites)
+    capture = Capturer(lm.arch, sites)
     if state is None:
         arch = capture.arch
         state = AccumulationState({
@@ -365,7 +339,7 @@ def _measure(cfg: SpectrumConfig, out: Path, progress: bool, distributed: bool =
     timings: dict[str, float] = {}
     lm = load_model(cfg.model, cfg.dtype, rank_device(cfg.device) if distributed else cfg.device)
     check_context_length(lm.model, cfg.context_length)
-    arch = describe(lm.model)
+    arch = lm.arch
     sites, decompose_layers = _sites(cfg, arch)
     split_sites = {s.name for s in (parse_sites(cfg.stability_sites, arch.n_layers) if cfg.stability_sites
                                     else sites)} if cfg.splits > 1 else set()

@@ -2,7 +2,7 @@
 
 Lorsa reads the attention input and is trained to predict the attention output (Lorsa paper Section 3.1: "Lorsa takes
 in the same inputs of MHSA and is trained to predict MHSA outputs", an MSE objective). Per batch of whole sequences
-(``ranklens.train.lorsa_data.LorsaBatch``), over the ordinary tokens only (App. O.1 excludes bos/eos/pad):
+(``ranklens.data.sequences.LorsaBatch``), over the ordinary tokens only (App. O.1 excludes bos/eos/pad):
 
     loss = FVU = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2                  (the MSE, normalized by the batch's
                                                                               target variance, as the SAE objective)
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ranklens.data.sequences import LorsaBatch
 from ranklens.dictionaries.lorsa import Lorsa
 from ranklens.train.auxk import auxk_loss
-from ranklens.train.lorsa_data import LorsaBatch
 from ranklens.train.trainer import StepContext, StepResult
 
 __all__ = ["LorsaObjective", "fvu"]

@@ -73,8 +73,8 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
                                   values(result, main[baseline], metric), name_a="ASI", name_b=baseline,
                                   alpha=alpha))
     ks = sorted(lay["k_sweep"], key=int)
-    best = [mean_std(values(result, lay["k_sweep"][k]["ASI"], "nmse"))[0]
-            < min(mean_std(values(result, lay["k_sweep"][k][m], "nmse"))[0] for m in ("TopK", "AuxK")) for k in ks]
+    best = [mean_std(values(result, lay["k_sweep"][k]["ASI"], "fvu"))[0]
+            < min(mean_std(values(result, lay["k_sweep"][k][m], "fvu"))[0] for m in ("TopK", "AuxK")) for k in ks]
     out.append(sign_test("ASI reaches the lowest mean FVU of TopK, AuxK and ASI at each k (Figure 7)", best,
                          units="values of k", alpha=alpha, labels=[f"k={k}" for k in ks]))
     return out
@@ -107,7 +107,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     rows = [[f"k={k}", label] + [fmt_mean_std(values(result, ms[method], metric)) for method in K_METHODS]
             for k, ms in sorted(lay["k_sweep"].items(), key=lambda kv: int(kv[0])) for metric, label in metrics.items()]
     rows += [[f"k={lay['k_main']}", "dead features (count)"] + [fmt_mean_std(values(
-        result, lay["k_sweep"][str(lay["k_main"])][method], "dead_features")) for method in K_METHODS]]
+        result, lay["k_sweep"][str(lay["k_main"])][method], "train_dead")) for method in K_METHODS]]
     rep.table(["k", "metric", *K_METHODS], rows, caption=f"Mean \u00b1 std over {seeds} seeds (cf. Table 4)")
     rows = [[f"d_init={v}"] + [fmt_mean_std(values(result, ns, metric)) for metric in metrics]
             for v, ns in lay["d_init_sweep"].items()]

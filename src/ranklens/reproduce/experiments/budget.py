@@ -116,7 +116,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     out = []
     checkpoints = [("end", None)] + [(f"{t:,} tokens", t) for t in lay["verdict_tokens"] if t < lay["tokens"]]
     for when, tokens in checkpoints:
-        metrics = (("nmse", "FVU"), ("dead_fraction", "dead fraction")) if tokens is None else \
+        metrics = (("fvu", "FVU"), ("train_dead_fraction", "dead fraction")) if tokens is None else \
             (("fvu", "held-out FVU"), ("eval_dead", "share of features never firing on held-out text"))
         for label in asi_groups:
             for baseline in BASELINES:
@@ -130,7 +130,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
                                           alpha=alpha))
     main = asi_groups[0]
     out.append(welch_less("SparseAdam leaves fewer dead features than Adam under ASI at the end of training (App. M)",
-                          final(result, g[SPARSEADAM], "dead_fraction"), final(result, g[main], "dead_fraction"),
+                          final(result, g[SPARSEADAM], "train_dead_fraction"), final(result, g[main], "train_dead_fraction"),
                           name_a=SPARSEADAM, name_b=main, alpha=alpha))
     return out
 
@@ -153,7 +153,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     add_figure(rep, rfig.curve_panels, (panels,), fig_dir / "fig_budget_curves.png",
                "A: held-out FVU against training tokens; B: share of features never firing on the held-out tokens "
                "(mean \u00b1 std over seeds, log axis).")
-    rows = [[label, fmt_mean_std(final(result, names, "nmse")), fmt_mean_std(final(result, names, "dead_fraction")),
+    rows = [[label, fmt_mean_std(final(result, names, "fvu")), fmt_mean_std(final(result, names, "train_dead_fraction")),
              fmt_mean_std(final(result, names, "eval_dead_fraction")),
              fmt_mean_std(final(result, names, "delta_lm_loss"))] for label, names in g.items()]
     rep.table(["method", "FVU", "dead fraction (training window)", "never fire on held-out text", "Delta LM loss"],

@@ -50,7 +50,7 @@ def step(plan: Plan) -> Step:
 
 def _gains(result: dict[str, Any], asi: list[str], topk: list[str]) -> list[float]:
     """1 - FVU_ASI / FVU_TopK per seed (the groups list their runs in seed order)."""
-    a, t = values(result, asi, "nmse"), values(result, topk, "nmse")
+    a, t = values(result, asi, "fvu"), values(result, topk, "fvu")
     return [1 - x / y for x, y in zip(a, t, strict=False)]
 
 
@@ -65,8 +65,8 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
                           _gains(result, g["attn ASI"], g["attn TopK"]), name_a="gain on resid_post",
                           name_b="gain on attn_out", alpha=alpha, margin=0.0))
     out.append(welch_less("With the standard init, the residual stream leaves fewer dead features than the attention "
-                          "output (App. J.2)", values(result, g["resid TopK"], "dead_fraction"),
-                          values(result, g["attn TopK"], "dead_fraction"), name_a="resid_post",
+                          "output (App. J.2)", values(result, g["resid TopK"], "train_dead_fraction"),
+                          values(result, g["attn TopK"], "train_dead_fraction"), name_a="resid_post",
                           name_b="attn_out", alpha=alpha))
     return out
 

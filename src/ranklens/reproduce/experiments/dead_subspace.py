@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ranklens.dictionaries.saelens import load_sae
+from ranklens.eval.jobs import RUN_SAE_DIR as SAE_DIR
 from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.linalg.basis import principal_basis
 from ranklens.report.html import Report
@@ -37,7 +38,6 @@ from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
 from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, compare_values, welch_less
-from ranklens.train.sae_job import SAE_DIR
 
 NAME = "dead_subspace"
 TITLE = "7. What ASI does in the dead subspace (App. N.2, Tables 9 and 10)"

@@ -35,9 +35,9 @@ def step(plan: Plan) -> Step:
         spectrum = {r["site"]: r for r in ctx.records[low_rank.NAME]["result"]["records"]}
         return {"points": [{"site": site, "layer": spectrum[site]["layer"], "kind": spectrum[site]["kind"],
                             "effective_rank": spectrum[site]["effective_rank"],
-                            "dead_fraction": runs[cell.name]["metrics"]["dead_fraction"],
+                            "train_dead_fraction": runs[cell.name]["metrics"]["train_dead_fraction"],
                             "dead_window_tokens": runs[cell.name]["metrics"]["dead_window_tokens"],
-                            "nmse": runs[cell.name]["metrics"]["nmse"], "run": cell.name}
+                            "fvu": runs[cell.name]["metrics"]["fvu"], "run": cell.name}
                            for site, cell in cells.items()]}
 
     layout = {"sites": {site: cell.name for site, cell in cells.items()}, "layers": plan.sweep_layers}
@@ -48,9 +48,9 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     points = result["points"]
     out = [spearman_negative("The lower a site's effective rank, the more dead features a standard TopK SAE leaves "
                              "(Figure 5, right)", [p["effective_rank"] for p in points],
-                             [p["dead_fraction"] for p in points], name_x="effective rank",
+                             [p["train_dead_fraction"] for p in points], name_x="effective rank",
                              name_y="dead fraction", alpha=alpha)]
-    by = {(p["layer"], p["kind"]): p["dead_fraction"] for p in points}
+    by = {(p["layer"], p["kind"]): p["train_dead_fraction"] for p in points}
     pairs = [(layer, by[(layer, "attn_out")], by[(layer, "resid_post")]) for layer in sorted({p["layer"] for p in points})
              if (layer, "attn_out") in by and (layer, "resid_post") in by]
     differing = [(layer, a > r) for layer, a, r in pairs if a != r]
@@ -72,6 +72,6 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
                "Dead-feature fraction per layer and site kind (left) and against the site's effective rank (right) "
                "(cf. Figure 5).")
     rep.table(["site", "effective rank", "dead fraction", "FVU"],
-              [[p["site"], p["effective_rank"], p["dead_fraction"], p["nmse"]] for p in points],
+              [[p["site"], p["effective_rank"], p["train_dead_fraction"], p["fvu"]] for p in points],
               number_format={"dead fraction": ".2%"})
     verdict_blocks(rep, found)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ranklens.analysis.lorsa_interp import z_pattern_record
+from ranklens.dictionaries.lorsa_io import open_lorsa
 from ranklens.lm.capture import Capturer
 from ranklens.report.html import Report
 from ranklens.reproduce import figures as rfig
@@ -30,7 +31,8 @@ from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
 from ranklens.reproduce.report_parts import add_figure, verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, welch_less
-from ranklens.train.lorsa_job import METRICS_NAME, LorsaTrainConfig, open_lorsa, train_lorsa
+from ranklens.train.config import LorsaTrainConfig
+from ranklens.train.lorsa_job import METRICS_NAME, train_lorsa
 from ranklens.train.trainer import CHECKPOINT_NAME
 
 NAME = "lorsa"
@@ -71,7 +73,7 @@ def _top_patterns(lorsa, lm, layer: int, text: str, context_length: int) -> list
     probe = z_pattern_record(lorsa, lm, layer, text, 0, context_length)
     x = torch.tensor([probe["token_ids"]], device=lm.device)
     site = f"L{layer}.attn_in"
-    out = lorsa(Capturer(lm.model, [site])(x)[site].to(lorsa.W_V.dtype))
+    out = lorsa(Capturer(lm.arch, [site])(x)[site].to(lorsa.W_V.dtype))
     totals = torch.zeros(lorsa.n_heads, dtype=torch.float64)
     totals.index_add_(0, out.indices[0].reshape(-1).cpu(), out.values[0].clamp_min(0).reshape(-1).double().cpu())
     patterns = []
@@ -139,7 +141,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
                "Dead-head fraction and FVU of Lorsa with the default init and with ASI (mean \u00b1 std over seeds) "
                "(cf. Figure 9).")
     rows = [[INITS[init]] + [fmt_mean_std(values(result, names, metric)) for metric in METRICS]
-            + [fmt_mean_std(values(result, names, "dead_fraction"))] for init, names in g.items()]
+            + [fmt_mean_std(values(result, names, "eval_dead_fraction"))] for init, names in g.items()]
     rep.table(["init", *METRICS.values(), "dead fraction (held-out pass)"], rows,
               caption="Mean \u00b1 std over seeds")
     z = result["zpattern"]

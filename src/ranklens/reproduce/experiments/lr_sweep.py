@@ -38,7 +38,7 @@ def step(plan: Plan) -> Step:
 
 def mean_fvu(result: dict[str, Any]) -> dict[str, float]:
     """Per learning rate, the mean held-out FVU of its runs."""
-    return {lr: float(np.mean([result["runs"][n]["metrics"]["nmse"] for n in ms.values()]))
+    return {lr: float(np.mean([result["runs"][n]["metrics"]["fvu"] for n in ms.values()]))
             for lr, ms in result["layout"]["grid"].items()}
 
 
@@ -55,7 +55,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     result = record["result"]
     lay = result["layout"]
     fvu = mean_fvu(result)
-    rows = [[lr] + [result["runs"][ms[m]]["metrics"]["nmse"] for m in METHODS] + [fvu[lr]]
+    rows = [[lr] + [result["runs"][ms[m]]["metrics"]["fvu"] for m in METHODS] + [fvu[lr]]
             for lr, ms in lay["grid"].items()]
     rep.table(["learning rate", *(f"FVU {m}" for m in METHODS), "mean"], rows, number_format=".4f",
               caption=f"{lay['site']}, {lay['tokens']:,} training tokens per run, first seed; chosen: "

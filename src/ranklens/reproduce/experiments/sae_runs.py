@@ -18,7 +18,7 @@ from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Cell, Plan
 
 # Lower-is-better metrics compared across methods (App. H: dead features, normalized MSE, Delta LM loss).
-METRICS = {"dead_fraction": "dead fraction", "nmse": "FVU (normalized MSE)", "delta_lm_loss": "Delta LM loss"}
+METRICS = {"train_dead_fraction": "dead fraction", "fvu": "FVU", "delta_lm_loss": "Delta LM loss"}
 
 
 def sae_step(name: str, title: str, plan: Plan, cells: Sequence[Cell], layout: dict[str, Any],

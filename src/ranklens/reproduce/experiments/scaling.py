@@ -42,13 +42,13 @@ def step(plan: Plan) -> Step:
 
 
 def _table(result: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """method -> expansion -> {n_features, alive, nmse, dead_fraction}."""
+    """method -> expansion -> {n_features, alive, fvu, train_dead_fraction}."""
     out: dict[str, dict[str, dict[str, float]]] = {m: {} for m in METHODS}
     for e, ms in result["layout"]["grid"].items():
         for m, run in ms.items():
             x = result["runs"][run]["metrics"]
-            out[m][e] = {"n_features": x["n_features"], "alive": x["n_features"] - x["dead_features"],
-                         "nmse": x["nmse"], "dead_fraction": x["dead_fraction"]}
+            out[m][e] = {"n_features": x["n_features"], "alive": x["n_features"] - x["train_dead"],
+                         "fvu": x["fvu"], "train_dead_fraction": x["train_dead_fraction"]}
     return out
 
 
@@ -66,17 +66,17 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     sizes = sorted(t["ASI"], key=int)
     labels = [f"{e}x" for e in sizes]
     out = [sign_test(f"ASI reaches a lower FVU than {other} at each dictionary size (Figure 8A)",
-                     [t["ASI"][e]["nmse"] < t[other][e]["nmse"] for e in sizes], units="sizes", alpha=alpha,
+                     [t["ASI"][e]["fvu"] < t[other][e]["fvu"] for e in sizes], units="sizes", alpha=alpha,
                      labels=labels) for other in ("TopK", "AuxK")]
     out.append(sign_test("SparseAdam leaves fewer dead features than Adam with ASI at each size (Figure 8B)",
-                         [t["ASI + SparseAdam"][e]["dead_fraction"] < t["ASI"][e]["dead_fraction"] for e in sizes],
+                         [t["ASI + SparseAdam"][e]["train_dead_fraction"] < t["ASI"][e]["train_dead_fraction"] for e in sizes],
                          units="sizes", alpha=alpha, labels=labels))
     aux = t["AuxK"]
     pairs = []
     for e in sizes:
-        ref = _interp_loglog(t["ASI"][e]["alive"], [aux[s]["alive"] for s in aux], [aux[s]["nmse"] for s in aux])
+        ref = _interp_loglog(t["ASI"][e]["alive"], [aux[s]["alive"] for s in aux], [aux[s]["fvu"] for s in aux])
         if not math.isnan(ref):
-            pairs.append((e, t["ASI"][e]["nmse"] < ref))
+            pairs.append((e, t["ASI"][e]["fvu"] < ref))
     out.append(sign_test("ASI reaches a lower FVU than AuxK with the same number of alive features (Figure 8C)",
                          [ok for _, ok in pairs], units=f"sizes within AuxK's range of alive features (of {len(sizes)})",
                          alpha=alpha, labels=[f"{e}x" for e, _ in pairs]))
@@ -93,12 +93,12 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     def series(key: str, x: str = "n_features") -> dict[str, list[tuple[float, float, float]]]:
         return {m: [(v[x], v[key], float("nan")) for v in t[m].values()] for m in METHODS}
 
-    panels = [rfig.Panel("FVU", "features", series("nmse"), logx=True),
-              rfig.Panel("dead fraction", "features", series("dead_fraction"), logx=True),
-              rfig.Panel("FVU", "alive features", series("nmse", "alive"), logx=True)]
+    panels = [rfig.Panel("FVU", "features", series("fvu"), logx=True),
+              rfig.Panel("dead fraction", "features", series("train_dead_fraction"), logx=True),
+              rfig.Panel("FVU", "alive features", series("fvu", "alive"), logx=True)]
     add_figure(rep, rfig.metric_panels, (panels,), fig_dir / "fig8_scaling.png",
                "(A) FVU against dictionary size, (B) dead fraction, (C) FVU against alive features (cf. Figure 8).")
-    rows = [[f"{e}x", int(v["n_features"])] + [t[m][e][key] for m in METHODS for key in ("nmse", "dead_fraction")]
+    rows = [[f"{e}x", int(v["n_features"])] + [t[m][e][key] for m in METHODS for key in ("fvu", "train_dead_fraction")]
             for e, v in sorted(t["TopK"].items(), key=lambda kv: int(kv[0]))]
     headers = ["size", "features"] + [f"{m} {key}" for m in METHODS for key in ("FVU", "dead")]
     rep.table(headers, rows, number_format={h: ".2%" for h in headers if h.endswith(" dead")})

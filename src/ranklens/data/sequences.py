@@ -10,7 +10,8 @@ Positions: each sequence starts at position 0 (bos) and is right-padded, which i
 collector and the on-the-fly capture run the model on right-padded batches with positions ``arange(T)``), so the
 default positions are the model's.
 
-Both sources are ``BatchSource``s of the shared Trainer (``source(start_step)`` yields the batches from that step on,
+Both are sources in the sense of ``ranklens.data.sources`` (with ``total_steps``, ``held_out`` and ``head()``) and
+``BatchSource``s of the shared Trainer (``source(start_step)`` yields the batches from that step on,
 so a resumed run sees exactly the batches an uninterrupted one does) and know their number of steps up front from
 the sequence lengths alone (no activations read, no forward pass):
 
@@ -32,7 +33,7 @@ from typing import TypeVar
 
 import torch
 
-from ranklens.data.corpus import iter_documents
+from ranklens.data.corpus import HeldOutSource, iter_documents
 from ranklens.data.store import ActivationStore
 from ranklens.data.tokenize import SpecialTokens, token_sequences
 from ranklens.errors import RanklensError
@@ -111,6 +112,7 @@ class StoreSequences:
                                 f"of {batch_tokens}")
         self._epoch_groups: list[list[int]] = []  # per epoch: the sequence count of each batch (cheap, cached)
         self.total_steps = _steps_within(self._group_tokens(), tokens)
+        self.held_out = store.held_out()
 
     def _cheap_groups(self, epoch: int) -> list[list[int]]:
         """The stat-token counts of the sequences of each batch of an epoch (reads no activations)."""
@@ -123,6 +125,9 @@ class StoreSequences:
     def _group_tokens(self) -> Iterator[int]:
         for epoch in itertools.count():
             yield from (sum(g) for g in self._cheap_groups(epoch))
+
+    def head(self) -> Iterator[LorsaBatch]:
+        return self(0)
 
     def __call__(self, start_step: int) -> Iterator[LorsaBatch]:
         epoch, step = 0, 0
@@ -159,7 +164,7 @@ class StreamSequences:
         self.context_length, self.batch_tokens = context_length, batch_tokens
         self.sites = lorsa_sites(layer)
         self.special = SpecialTokens.from_tokenizer(lm.tokenizer)
-        self.capture = Capturer(lm.model, list(self.sites))
+        self.capture = Capturer(lm.arch, list(self.sites))
         counts, docs = [], []
         for group in self._groups():
             counts.append(sum(n for _, n, _ in group))
@@ -171,6 +176,7 @@ class StreamSequences:
             raise RanklensError(f"corpus {corpus!r} and --tokens {tokens} give no whole batch of {batch_tokens} "
                                 "tokens; lower --batch-tokens or raise --tokens")
         self.docs_consumed = docs[self.total_steps - 1]  # documents behind the training batches (held out after)
+        self.held_out = HeldOutSource(corpus, seed, self.docs_consumed, context_length)
 
     def _groups(self) -> Iterator[list[tuple[list[int], int, int]]]:
         """Batches of (ids, ordinary tokens, documents consumed so far), tokenization only."""
@@ -179,6 +185,9 @@ class StreamSequences:
                      token_sequences(iter_documents(self.corpus, seed=self.seed), self.lm.tokenizer,
                                      self.context_length))
         return group_by_tokens(sequences, lambda s: s[1], self.batch_tokens)
+
+    def head(self) -> Iterator[LorsaBatch]:
+        return self(0)
 
     def __call__(self, start_step: int) -> Iterator[LorsaBatch]:
         for group in itertools.islice(self._groups(), start_step, None):
