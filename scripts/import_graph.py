@@ -31,7 +31,8 @@ LAYERS: list[list[str]] = [
     ["train", "spectrum", "analysis"],
     ["dashboard", "autointerp"],
     ["reproduce", "api"],
-    ["cli", "__main__", "__init__"],
+    ["cli"],
+    ["__main__", "__init__"],
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 
@@ -50,12 +51,13 @@ def imported_packages(path: Path) -> list[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
-            if node.module == "ranklens":  # `from ranklens import x`
-                names = [f"ranklens.{a.name}" for a in node.names]
+            if node.module == "ranklens":  # `from ranklens import x`: a module, or a name of the package itself
+                names = [f"ranklens.{a.name}" if (ROOT / a.name).is_dir() or (ROOT / f"{a.name}.py").exists()
+                         else "ranklens.__init__" for a in node.names]
         for name in names:
             parts = name.split(".")
-            if parts[0] == "ranklens" and len(parts) > 1:
-                found.append(parts[1])
+            if parts[0] == "ranklens":
+                found.append(parts[1] if len(parts) > 1 else "__init__")
     return found
 
 

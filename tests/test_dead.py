@@ -70,21 +70,3 @@ def test_dead_window_rule():
     assert dead_window(1_000) == 250
     assert dead_window(3) == 1
     assert dead_window(100, paper_window=10) == 10
-
-
-def test_bad_input_is_named():
-    t = FiringTracker(4)
-    with pytest.raises(RanklensError, match="index 4"):
-        t.update(torch.tensor([0, 4]), 10)
-    with pytest.raises(RanklensError, match="n_tokens=-1"):
-        t.update(torch.tensor([0]), -1)
-    with pytest.raises(RanklensError, match=r"mask of shape \(3,\)"):
-        t.update(torch.ones(3, dtype=torch.bool), 10)
-    with pytest.raises(RanklensError, match="dtype torch.float32"):
-        t.update_counts(torch.tensor([0.5]))
-    with pytest.raises(RanklensError, match="window_tokens=0"):
-        t.dead_mask(0)
-    with pytest.raises(RanklensError, match="total_tokens=0"):
-        dead_window(0)
-    with pytest.raises(RanklensError, match="n_features=0"):
-        FiringTracker(0)

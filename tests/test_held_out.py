@@ -3,10 +3,10 @@
 import pytest
 
 from ranklens.data.collect import CollectConfig, collect
+from ranklens.data.store import ActivationStore
 from ranklens.errors import RanklensError
 from ranklens.eval.held_out import HeldOutSet
 from ranklens.lm.load import load_model
-from ranklens.data.store import ActivationStore
 from ranklens.train.config import SAETrainConfig
 from ranklens.train.sae_job import train_sae
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ranklens.data.collect import CollectConfig, collect
+from ranklens.data.sequences import StoreSequences, StreamSequences, group_by_tokens
 from ranklens.data.tokenize import TokenBatch
 from ranklens.dictionaries.lorsa import Lorsa, LorsaConfig
 from ranklens.dictionaries.lorsa_init import init_default_
@@ -18,7 +19,6 @@ from ranklens.lm.capture import capture
 from ranklens.lm.load import load_model
 from ranklens.lm.sites import Site, describe
 from ranklens.lm.splice import SequenceSplice
-from ranklens.data.sequences import StoreSequences, StreamSequences, group_by_tokens
 from tiny_models import tiny_batch, tiny_model
 
 

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
+from ranklens.data.sequences import LorsaBatch
 from ranklens.dictionaries.lorsa import Lorsa, LorsaConfig
 from ranklens.dictionaries.lorsa_init import init_default_
 from ranklens.dictionaries.lorsa_io import load_lorsa, save_lorsa
 from ranklens.errors import RanklensError
 from ranklens.lm.attention import RopeSpec
-from ranklens.data.sequences import LorsaBatch
 from ranklens.train.lorsa_objective import LorsaObjective
 from ranklens.train.trainer import StepContext, Trainer, TrainSettings
 

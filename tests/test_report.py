@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ranklens.errors import RanklensError
-from ranklens.report import figures
 from ranklens.report.html import Report, format_number, software_versions
+from ranklens.spectrum import figures
 from ranklens.spectrum.report import build_spectrum_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -59,3 +59,21 @@ def test_sampled_layers_keep_the_ends_and_the_middle():
     assert sampled_layers(30, "all") == list(range(30))
     assert sampled_layers(3, 5) == [0, 1, 2]
     assert sampled_layers(30, 1) == [15]
+
+
+def test_results_of_format_1_are_read_with_todays_keys():
+    """The committed standard run (format 1: nmse, dead_features, eval_dead_features) reads as format 2."""
+    from pathlib import Path
+
+    from ranklens.reproduce.results_format import RESULTS_FORMAT, read_results
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "standard-smollm2-135m" / "results.json"
+    results = read_results(path)
+    assert results["format"] == RESULTS_FORMAT and results["read_from_format"] == "ranklens.reproduce/1"
+    run = next(iter(results["steps"]["asi"]["result"]["runs"].values()))["metrics"]
+    assert run["fvu"] == run["nmse"] and "train_dead" in run and "dead_features" not in run
+    assert run["train_dead_fraction"] == run["train_dead"] / run["n_features"] and "eval_dead" in run
+    lorsa = next(iter(results["steps"]["lorsa"]["result"]["runs"].values()))["metrics"]
+    assert {"eval_dead", "eval_dead_fraction", "train_dead"} <= set(lorsa) and "dead_heads" not in lorsa
+    point = results["steps"]["dead_vs_rank"]["result"]["points"][0]
+    assert {"train_dead_fraction", "fvu"} <= set(point) and "nmse" not in point

@@ -13,14 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ranklens.dictionaries import kernels
+from ranklens.dictionaries.llamascope import load_llamascope
+from ranklens.dictionaries.load import load_sae
 from ranklens.dictionaries.sae import SparseAutoencoder
-from ranklens.dictionaries.saelens import (
-    load_llamascope,
-    load_sae,
-    load_saelens,
-    saelens_hook_name,
-    save_saelens,
-)
+from ranklens.dictionaries.saelens import load_saelens, saelens_hook_name, save_saelens
 from ranklens.errors import RanklensError
 
 D_IN, N_FEAT, K = 12, 40, 5

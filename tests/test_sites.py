@@ -298,3 +298,13 @@ def test_per_head_outputs_errors():
         per_head_outputs(torch.zeros(2, 15), torch.zeros(7, 14), 3)
     with pytest.raises(RanklensError, match="n_heads 4 does not divide attn_z width 15"):
         per_head_outputs(torch.zeros(2, 15), torch.zeros(7, 15), 4)
+
+
+def test_architecture_site_takes_one_site_with_every_alias():
+    arch = describe(tiny_model("llama"))
+    mid = arch.n_layers // 2
+    assert arch.site("Lmid.attn_out") == Site(mid, "attn_out") == arch.site(f"L{mid}.attn_out")
+    with pytest.raises(RanklensError, match="names 2 sites; expected exactly one"):
+        arch.site("L0-1.attn_out")
+    with pytest.raises(RanklensError, match="out of range"):
+        arch.site(f"L{arch.n_layers}.attn_out")

@@ -1,3 +1,5 @@
 """ranklens: the geometry of transformer activations and sparse dictionaries that respect it."""
 
-__version__ = "0.1.0"
+from ranklens.version import __version__
+
+__all__ = ["__version__"]

@@ -3,10 +3,8 @@ fresh ones.
 
 Why: glibc's malloc serves blocks above its mmap threshold (128 KiB, adapting up to 32 MiB) with mmap and unmaps
 them on free, so every step of a CPU training loop faults its 50-600 MB temporaries (pre-activations, gradients,
-casts) in again, page by page; DESIGN.md measured about a third of an SAE step's CPU time there. Raising the mmap
-threshold (1 GiB) and the trim threshold (2 GiB) keeps freed blocks in the heap for the next step. Measured on this
-2-core CPU, one thread: a fresh float32 [36,864, 576] ``torch.zeros`` 50 ms -> 4 ms, its bf16 cast 34 ms -> 8 ms,
-an SAE training step at 36,864 features (bf16 autocast) ~15% faster. The cost: the process keeps its high-water RSS.
+casts) in again, page by page. Raising the mmap threshold (1 GiB) and the trim threshold (2 GiB) keeps freed blocks
+in the heap for the next step (bench/README.md measures the effect). The cost: the process keeps its high-water RSS.
 
 Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing. ``RANKLENS_RETAIN_MEMORY=0`` turns it off.
 The CLI calls ``retain_freed_memory`` once at start; library users may call it themselves.

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ranklens import __version__
 from ranklens.analysis.config import LorsaTopConfig, ZPatternConfig
 from ranklens.config import Config, flag
 from ranklens.data.config import CollectConfig
@@ -26,6 +25,7 @@ from ranklens.eval.config import LorsaEvalConfig, SAEEvalConfig
 from ranklens.reproduce.presets import PRESETS, ReproduceConfig
 from ranklens.spectrum.config import SpectrumConfig
 from ranklens.train.config import LorsaTrainConfig, SAETrainConfig
+from ranklens.version import __version__
 
 MODEL_HELP = "embedded model name (see `ranklens models`), Hugging Face id or local model directory"
 

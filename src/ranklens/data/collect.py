@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import ranklens
 from ranklens.data.config import CollectConfig
 from ranklens.data.corpus import iter_documents
 from ranklens.data.store import ActivationStore, ActivationStoreWriter
@@ -23,6 +22,7 @@ from ranklens.errors import RanklensError
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
 from ranklens.lm.sites import parse_sites
+from ranklens.version import __version__
 
 
 def check_context_length(model, context_length: int) -> None:
@@ -45,7 +45,7 @@ def collect(cfg: CollectConfig, out: str | Path, progress: bool = True, lm: Load
     store_dtype = lm.dtype if cfg.store_dtype == "model" else resolve_dtype(cfg.store_dtype)
     meta = {"model": cfg.model, "corpus": cfg.corpus, "seed": cfg.seed, "context_length": cfg.context_length,
             "model_dtype": str(lm.dtype).removeprefix("torch."), "tokens_requested": cfg.tokens,
-            "code_version": ranklens.__version__}
+            "code_version": __version__}
     documents = iter_documents(cfg.corpus, seed=cfg.seed)  # checks the corpus before anything is written
     created = not Path(out).exists()
     writer = ActivationStoreWriter.open(out, meta, {s.name: arch.site_dim(s) for s in sites}, store_dtype,

@@ -8,14 +8,12 @@ encoder's forward product ``x @ W_E.T`` [B, n], which top-k must see whole. Ever
 - ``topk_encode``: a ``torch.autograd.Function`` (after EleutherAI sparsify's fused encoder) whose backward never forms
   the dense [B, n] gradient. With G the [B, n] matrix holding the (ReLU-masked) incoming gradients at the selected pairs,
   grad_x = G W_E (an embedding_bag of k encoder rows per token), grad_W_E = G^T x (a CSR matrix of G^T, one row per
-  feature, times x: MKL on CPU), grad_b_E = column sums of G (index_add_). Measured on this 2-core CPU at B=4096,
-  k=50, n=36864, d=576:
-  G^T x via a CSR matrix of G^T 0.02-0.08 s, via a COO tensor 0.08-0.19 s, via index_add_ of a materialized [B k, d]
-  tensor 0.45-0.6 s (a noisy shared machine: ranges over runs).
+  feature, times x: MKL on CPU), grad_b_E = column sums of G (index_add_). The CSR product is the fastest of the
+  forms tried (a COO tensor, index_add_ of a materialized [B k, d] tensor); bench/README.md has the timings.
 - ``sparse_decode``: x_hat = embedding_bag over the k active decoder rows (B k d work, not B n d); its own backward
   (grad_W_D = Z^T grad_out by the same CSR product, grad_values by ``torch.sparse.sampled_addmm``) replaces
-  embedding_bag's autograd, which took ~0.45 s on the shape above and accumulated bfloat16 weight gradients in
-  bfloat16 (10% error on a frequently used row, measured).
+  embedding_bag's autograd, which is slower and accumulates bfloat16 weight gradients in bfloat16 (a 10% error on a
+  frequently used row).
 
 Dtypes: the encoder matmul runs in the dtype of x (bfloat16 activations use the AMX bf16 path even when the master
 weights are float32); the decoder runs in the decoder's dtype. Gradients are accumulated in float32 when a parameter is
@@ -54,8 +52,8 @@ __all__ = [
 ]
 
 # Rows of x per chunk in the encoder forward: the [chunk, n] pre-activation block is reused across chunks instead of
-# allocating one fresh [B, n] tensor (600 MB at B=4096, n=36864 in float32), whose page faults cost ~1/3 of CPU time
-# (DESIGN.md, "Facts about this machine").
+# allocating one fresh [B, n] tensor (600 MB at B=4096, n=36864 in float32), whose page faults are costly on the CPU
+# (bench/README.md).
 _PRE_CHUNK_BYTES = 128 << 20
 
 

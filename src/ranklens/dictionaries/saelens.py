@@ -56,70 +56,6 @@ the concatenation of the heads, which is ranklens' attn_z), attn_out -> ``blocks
 ``blocks.{n}.ln2.hook_normalized``, mlp_hidden -> ``blocks.{n}.mlp.hook_post``, mlp_out -> ``blocks.{n}.hook_mlp_out``,
 resid_post -> ``blocks.{n}.hook_resid_post``. The ln hooks match ranklens' attn_in/mlp_in only for a model loaded
 without weight processing (``from_pretrained_no_processing``), where the norm's scale is not folded away.
-
-LlamaScope layout (the papers' authors; the Llama Scope SAEs on the hub)
-=======================================================================
-
-A directory with ``hyperparams.json`` and ``checkpoints/final.safetensors``; the reference loader of the time
-(lm-saes ``SparseAutoEncoder.from_config``, repository OpenMOSS/Language-Model-SAEs, late 2024) looks for
-``sae_weights.safetensors``, ``checkpoints/pruned.safetensors`` and ``checkpoints/final.safetensors`` in that order,
-and so does ``load_llamascope`` (the ``.pt`` variants are not read: pickles are not loaded). Tensors (torch Linear
-layout): ``encoder.weight [d_sae, d_model]``, ``encoder.bias [d_sae]``, ``decoder.weight [d_model, d_sae]``,
-``decoder.bias [d_model]`` (absent when use_decoder_bias is false). Later lm-saes versions also put
-``dataset_average_activation_norm.<hook>`` scalars in the file; they are accepted (and used if hyperparams.json lacks
-the norms). Anything else (``encoder_glu.*``, a per-feature ``log_jumprelu_threshold``) is an error.
-
-hyperparams.json fields read (a dump of lm-saes' SAEConfig; defaults are that class's defaults where they did not
-change between versions):
-
-- ``d_model`` (required); ``d_sae`` (else ``d_model * expansion_factor``).
-- ``act_fn``: "relu" | "topk" | "jumprelu" (default "relu"). As in the reference loader, "topk" with
-  ``jump_relu_threshold > 0`` is run as "jumprelu" (the Llama Scope SAEs were trained as TopK and converted).
-- ``jump_relu_threshold`` (default 0.0): ONE scalar theta for all features; ``top_k`` (default 50).
-- ``norm_activation`` (required: its default changed from "token-wise" to "dataset-wise" between versions):
-  "dataset-wise" | "inference" | "none"; "token-wise"/"batch-wise" normalize each token by its own norm, which no
-  weights can express, and are refused.
-- ``dataset_average_activation_norm``: ``{"in": a_in, "out": a_out}`` (also accepted: keyed by the hook names).
-- ``sparsity_include_decoder_norm`` (default true), ``use_decoder_bias`` (default true),
-  ``apply_decoder_bias_to_pre_encoder`` (required when use_decoder_bias: its default changed from true to false),
-  ``use_glu_encoder`` (default false; true is refused), ``hook_point_in``/``hook_point_out`` (out defaults to in;
-  different hooks make a transcoder, refused unless ``allow_transcoder=True``).
-
-The authors' forward, training space (``encode``/``decode``/``compute_loss`` of that lm-saes version), with
-s_in = sqrt(d_model) / a_in and s_out = sqrt(d_model) / a_out::
-
-    x_n = s_in x;  pre = W_e (x_n - [b_d if apply_decoder_bias_to_pre_encoder]) + b_e;  f = act(pre);
-    x_hat_n = W_d f + b_d;  x_hat = x_hat_n / s_out
-
-and the inference form their loader builds (``from_config``): ``standardize_parameters_of_dataset_activation_scaling``
-(b_e / s_in, W_d s_in / s_out, b_d / s_out, no runtime normalization), then, with sparsity_include_decoder_norm,
-``transform_to_unit_decoder_norm`` (n_i = ||W_d[:, i]||: W_d[:, i] / n_i, W_e[i] n_i, b_e[i] n_i). The JumpReLU
-threshold is compared with the pre-activation of THAT folded SAE: the authors' conversion
-(``post_process_topk_to_jumprelu_for_inference``) takes theta as the (32768 k)-th largest ``relu(pre)`` over a batch
-of 32768 tokens, pre being the pre-activation of the SAE loaded through ``from_config``. With n_i = ||W_d[:, i]|| (the stored decoder) and m_i = n_i s_in / s_out (the norm
-after the standardization), a feature fires when ``pre_i m_i / s_in = pre_i n_i / s_out > theta``. (SAELens'
-llama_scope loader scales theta by s_in after the authors' fix, SAELens PR #483, but ignores n_i, which is not 1 in
-the released checkpoints.)
-
-``load_llamascope`` builds exactly that folded SAE, which works on raw activations:
-
-    W_E[i] = m_i W_e[i],  b_E[i] = m_i b_e[i] / s_in,  W_D[i] = W_d[:, i] (s_in / s_out) / m_i,  b_D = b_d / s_out,
-    apply_b_dec_to_input = apply_decoder_bias_to_pre_encoder,  theta unchanged.
-
-Check: ``W_E[i] x + b_E[i] = (m_i / s_in) pre_i``, so the gate is the authors' one, the code is
-f'_i = (m_i / s_in) f_i, and ``sum_i f'_i W_D[i] + b_D = (W_d f + b_d) / s_out = x_hat``. (m_i = 1 without
-sparsity_include_decoder_norm; s_in = s_out = 1 without dataset-wise normalization, and s_in = s_out for every SAE,
-as opposed to a transcoder; subtracting b_D from a raw input equals subtracting b_d from the normalized one only
-when s_in = s_out, so that flag with in != out norms is refused.)
-A feature whose decoder column is zero (n_i = 0, where the reference divides 0 by 0) is loaded as never firing.
-With unit decoder columns this is SAELens' llama_scope loader (W_enc s_in, threshold theta s_in, W_dec / s_in,
-b_dec / s_in) up to the scale of the code: SAELens' feature activations stay in the normalized units (s_in times
-larger), the authors' inference form, used here, gives them at the activations' real scale; reconstructions agree.
-
-Guessed or inferred, not read from a published hyperparams.json (none is stored here): the defaults above, the
-``{in, out}`` keying being the only one in the released files, and that the released checkpoints are the raw
-training weights (norm_activation "dataset-wise"; decoder norms not 1, mean ~1.54 for LXR-8x L15 per issue #128 of
-OpenMOSS/Llamascopium). The arithmetic is taken from the authors' code of the time.
 """
 
 from __future__ import annotations
@@ -131,38 +67,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
-from torch import nn
 
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
+from ranklens.dictionaries.sae_files import (
+    build_sae,
+    check_shapes,
+    json_flag,
+    log_threshold_of,
+    positive_int,
+    read_json_object,
+    read_tensors,
+    require_file,
+    sae_directory,
+)
 from ranklens.errors import RanklensError
 from ranklens.io import atomic_directory
 from ranklens.lm.sites import Site
 
-__all__ = [
-    "SAELENS_CFG",
-    "SAELENS_WEIGHTS",
-    "load_llamascope",
-    "load_sae",
-    "load_saelens",
-    "saelens_hook_name",
-    "save_saelens",
-]
+__all__ = ["SAELENS_CFG", "SAELENS_WEIGHTS", "load_saelens", "saelens_hook_name", "save_saelens"]
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 RANKLENS_JSON = "ranklens.json"
 RANKLENS_TENSORS = "ranklens.safetensors"
-LLAMASCOPE_HYPERPARAMS = "hyperparams.json"
-# The reference loader's search order (lm-saes SparseAutoEncoder.from_config, late 2024), safetensors only.
-LLAMASCOPE_CHECKPOINTS = (
-    "sae_weights.safetensors",
-    "checkpoints/pruned.safetensors",
-    "checkpoints/final.safetensors",
-)
-# The sae-lens release whose layout this module writes (checked against its source); >= 6 is what matters to
 # SAELens' loader (handle_config_defaulting).
 SAELENS_VERSION = "6.54.12"
 RANKLENS_FORMAT = "ranklens.saelens"
@@ -193,118 +121,6 @@ _SAELENS_DTYPES = {
     "float16": "float32",
     "torch.float16": "float32",
 }
-
-
-# ============================================================================ helpers
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RanklensError(f"{what}: {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno})") from err
-    except OSError as err:
-        raise RanklensError(f"{what}: cannot read {str(path)!r} ({err.strerror})") from err
-    if not isinstance(obj, dict):
-        raise RanklensError(f"{what}: {str(path)!r} holds a JSON {type(obj).__name__}; expected an object")
-    return obj
-
-
-def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    try:
-        return st_load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise RanklensError(f"{what}: {str(path)!r} is not a readable safetensors file ({err})") from err
-
-
-def _directory(directory: str | Path, what: str) -> Path:
-    if not isinstance(directory, str | os.PathLike):
-        raise RanklensError(f"{what}: directory is a {type(directory).__name__}; expected a path")
-    d = Path(directory)
-    if not d.exists():
-        raise RanklensError(f"{what}: {str(d)!r} does not exist; expected an SAE directory")
-    if not d.is_dir():
-        raise RanklensError(f"{what}: {str(d)!r} is a file; expected an SAE directory")
-    return d
-
-
-def _require_file(d: Path, name: str, what: str, layout: str) -> Path:
-    path = d / name
-    if not path.is_file():
-        raise RanklensError(f"{what}: {str(d)!r} has no {name}; expected the {layout} layout")
-    return path
-
-
-def _positive_int(value: Any, name: str, what: str) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RanklensError(f"{what}: {name}={value!r}; expected a positive integer")
-    return value
-
-
-def _flag(cfg: dict[str, Any], key: str, default: bool | None, what: str) -> bool:
-    if key not in cfg:
-        if default is None:
-            raise RanklensError(f"{what}: no {key!r}; expected true or false (its default differs between versions)")
-        return default
-    value = cfg[key]
-    if not isinstance(value, bool):
-        raise RanklensError(f"{what}: {key}={value!r}; expected true or false")
-    return value
-
-
-def _check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str, where: Path):
-    names = set(tensors)
-    missing = sorted(set(expected) - names)
-    if missing:
-        raise RanklensError(
-            f"{what}: {str(where)!r} lacks tensor(s) {', '.join(missing)}; expected {', '.join(sorted(expected))}"
-        )
-    extra = sorted(names - set(expected))
-    if extra:
-        raise RanklensError(
-            f"{what}: {str(where)!r} has unexpected tensor(s) {', '.join(extra)}; expected only "
-            f"{', '.join(sorted(expected))}"
-        )
-    for name, shape in expected.items():
-        got = tuple(tensors[name].shape)
-        if got != shape:
-            raise RanklensError(
-                f"{what}: tensor {name} in {str(where)!r} has shape {list(got)}; expected {list(shape)}"
-            )
-        if not tensors[name].is_floating_point():
-            raise RanklensError(f"{what}: tensor {name} has dtype {tensors[name].dtype}; expected floating point")
-
-
-def _build(
-    config: SAEConfig,
-    W_E: torch.Tensor,
-    b_E: torch.Tensor,
-    W_D: torch.Tensor,
-    b_D: torch.Tensor,
-    log_threshold: torch.Tensor | None,
-    device: torch.device | str,
-) -> SparseAutoencoder:
-    """A SparseAutoencoder with exactly these parameters (each cast to the config's dtype).
-
-    Built on the meta device and then given the loaded tensors as its parameters, so a large dictionary never holds
-    a second, randomly initialized copy of its weights."""
-    sae = SparseAutoencoder(config, device="meta")
-    dt = config.torch_dtype
-    values = {"W_E": W_E, "b_E": b_E, "W_D": W_D, "b_D": b_D}
-    if config.activation == "jumprelu":
-        assert log_threshold is not None
-        values["log_threshold"] = log_threshold
-    for name, value in values.items():
-        setattr(sae, name, nn.Parameter(value.to(device=device, dtype=dt).contiguous()))
-    return sae
-
-
-def _log_threshold(theta: torch.Tensor) -> torch.Tensor:
-    """log(theta) in float64; theta <= 0 -> -inf (z H(z - 0) = relu(z) is SAELens' relu(pre) (pre > theta))."""
-    theta = theta.to(torch.float64)
-    return torch.where(theta > 0, theta.clamp_min(1e-300).log(), torch.full_like(theta, -math.inf))
 
 
 # ============================================================================ SAELens: hook names and saving
@@ -346,7 +162,7 @@ def _saelens_files(
         raise RanklensError(f"{what}: model={model!r}; expected the model's name (e.g. 'HuggingFaceTB/SmolLM2-135M')")
     if not isinstance(corpus, str) or not corpus:
         raise RanklensError(f"{what}: corpus={corpus!r}; expected the corpus name or path")
-    context_length = _positive_int(context_length, "context_length", what)
+    context_length = positive_int(context_length, "context_length", what)
     if not isinstance(prepend_bos, bool):
         raise RanklensError(f"{what}: prepend_bos={prepend_bos!r}; expected true or false")
     if extra is not None and not isinstance(extra, dict):
@@ -569,7 +385,7 @@ def _ranklens_config(d: Path, cfg_arch: str, d_in: int, d_sae: int, k: int | Non
     if not path.is_file():
         return None
     what = "load_saelens"
-    meta = _read_json(path, what)
+    meta = read_json_object(path, what)
     if meta.get("format") != RANKLENS_FORMAT or not isinstance(meta.get("sae_config"), dict):
         raise RanklensError(
             f"{what}: {str(path)!r} is not a ranklens SAELens record (format={meta.get('format')!r}); expected "
@@ -618,10 +434,10 @@ def load_saelens(
     present (training hyperparameters, batchtopk, the exact log_threshold).
     """
     what = "load_saelens"
-    d = _directory(directory, what)
-    cfg_path = _require_file(d, SAELENS_CFG, what, "SAELens (cfg.json + sae_weights.safetensors)")
-    w_path = _require_file(d, SAELENS_WEIGHTS, what, "SAELens (cfg.json + sae_weights.safetensors)")
-    cfg = _read_json(cfg_path, what)
+    d = sae_directory(directory, what)
+    cfg_path = require_file(d, SAELENS_CFG, what, "SAELens (cfg.json + sae_weights.safetensors)")
+    w_path = require_file(d, SAELENS_WEIGHTS, what, "SAELens (cfg.json + sae_weights.safetensors)")
+    cfg = read_json_object(cfg_path, what)
     major = _saelens_version_major(cfg)
     if major is None or major < 6:
         cfg = _legacy_to_v6(cfg)
@@ -633,12 +449,12 @@ def load_saelens(
             f"{what}: architecture={architecture!r} in {str(cfg_path)!r} is not supported{hint}; expected one of "
             f"{', '.join(_SUPPORTED_ARCHITECTURES)}"
         )
-    d_in = _positive_int(cfg.get("d_in"), "d_in", what)
-    d_sae = _positive_int(cfg.get("d_sae"), "d_sae", what)
-    apply_b = _flag(cfg, "apply_b_dec_to_input", True, what)
+    d_in = positive_int(cfg.get("d_in"), "d_in", what)
+    d_sae = positive_int(cfg.get("d_sae"), "d_sae", what)
+    apply_b = json_flag(cfg, "apply_b_dec_to_input", True, what)
     k = None
     if architecture == "topk":
-        k = _positive_int(cfg.get("k", 100), "k", what)  # TopKSAEConfig's default k is 100
+        k = positive_int(cfg.get("k", 100), "k", what)  # TopKSAEConfig's default k is 100
         if k > d_sae:
             raise RanklensError(f"{what}: k={k}; expected 1 <= k <= d_sae={d_sae}")
     norm = cfg.get("normalize_activations", "none")
@@ -654,7 +470,7 @@ def load_saelens(
         raise RanklensError(f"{what}: dtype={dtype!r}; expected one of {', '.join(_DTYPE_NAMES.values())}")
     dtype_name = dtype if dtype is not None else _SAELENS_DTYPES[raw_dtype]
 
-    tensors = _read_tensors(w_path, what)
+    tensors = read_tensors(w_path, what)
     if "scaling_factor" in tensors:  # older SAELens; read_sae_components_from_disk drops it when all ones
         if not torch.all(tensors["scaling_factor"] == 1):
             raise RanklensError(
@@ -665,7 +481,7 @@ def load_saelens(
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if architecture == "jumprelu":
         expected["threshold"] = (d_sae,)
-    _check_shapes(tensors, expected, what, w_path)
+    check_shapes(tensors, expected, what, w_path)
 
     # Folds run in float32 (float64 for a float64 SAE): one multiply per entry, no accumulation but the norms.
     fold_dt = torch.float64 if dtype_name == "float64" else torch.float32
@@ -674,7 +490,7 @@ def load_saelens(
     W_D = tensors["W_dec"]
     b_D = tensors["b_dec"]
     folded = False
-    if architecture == "topk" and _flag(cfg, "rescale_acts_by_decoder_norm", False, what):
+    if architecture == "topk" and json_flag(cfg, "rescale_acts_by_decoder_norm", False, what):
         n = torch.linalg.vector_norm(W_D.to(fold_dt), dim=1)
         if not torch.all(n > 0):
             raise RanklensError(f"{what}: rescale_acts_by_decoder_norm with a zero decoder row; expected nonzero rows")
@@ -684,7 +500,7 @@ def load_saelens(
         s = norm_scaling_factor
         scaler = d / "activation_scaler.json"
         if s is None and scaler.is_file():
-            s = _read_json(scaler, what).get("scaling_factor")
+            s = read_json_object(scaler, what).get("scaling_factor")
         if s is None:
             raise RanklensError(
                 f"{what}: normalize_activations='expected_average_only_in' and no scaling factor; expected "
@@ -715,195 +531,12 @@ def load_saelens(
     log_threshold = None
     if config.activation == "jumprelu":
         theta = tensors["threshold"]
-        log_threshold = _log_threshold(theta)
+        log_threshold = log_threshold_of(theta)
         exact = d / RANKLENS_TENSORS
         if use_ranklens_json and exact.is_file():
-            extra = _read_tensors(exact, what)
+            extra = read_tensors(exact, what)
             lt = extra.get("log_threshold")
             # The exact parameter, if it is the one this threshold came from (exp computed as ranklens does).
             if lt is not None and lt.shape == theta.shape and lt.dtype == theta.dtype and torch.equal(lt.exp(), theta):
                 log_threshold = lt
-    return _build(config, W_E, b_E, W_D, b_D, log_threshold, device)
-
-
-# ============================================================================ LlamaScope
-
-
-def _llamascope_norms(hp: dict[str, Any], tensors: dict[str, torch.Tensor], what: str) -> tuple[float, float]:
-    """(a_in, a_out), the dataset-average activation norms, from hyperparams.json or the checkpoint."""
-    hook_in = hp.get("hook_point_in")
-    hook_out = hp.get("hook_point_out", hook_in)
-    raw = hp.get("dataset_average_activation_norm")
-    found: dict[str, Any] = {}
-    if isinstance(raw, dict):
-        for side, hook in (("in", hook_in), ("out", hook_out)):
-            if side in raw:
-                found[side] = raw[side]
-            elif hook is not None and hook in raw:
-                found[side] = raw[hook]
-    elif raw is not None:
-        raise RanklensError(
-            f"{what}: dataset_average_activation_norm={raw!r}; expected an object {{'in': ..., 'out': ...}}"
-        )
-    for side, hook in (("in", hook_in), ("out", hook_out)):
-        if side not in found:
-            for key in (f"dataset_average_activation_norm.{side}", f"dataset_average_activation_norm.{hook}"):
-                if key in tensors and tensors[key].numel() == 1:
-                    found[side] = tensors[key].item()
-                    break
-    out = []
-    for side in ("in", "out"):
-        v = found.get(side)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
-            raise RanklensError(
-                f"{what}: norm_activation='dataset-wise' needs dataset_average_activation_norm[{side!r}] > 0; "
-                f"got {v!r}"
-            )
-        out.append(float(v))
-    return out[0], out[1]
-
-
-def load_llamascope(
-    directory: str | Path,
-    device: torch.device | str = "cpu",
-    *,
-    dtype: str = "float32",
-    allow_transcoder: bool = False,
-) -> SparseAutoencoder:
-    """Load a LlamaScope (lm-saes) SAE directory (``hyperparams.json`` + ``checkpoints/final.safetensors``) as a
-    SparseAutoencoder that works on raw activations: the dataset-wise normalization, the decoder norms of the
-    JumpReLU gate and the output scale are folded into the weights (derivation in the module docstring).
-
-    ``allow_transcoder``: accept hook_point_in != hook_point_out (the result then maps the input hook's activations
-    to a prediction of the output hook's). ``dtype``: "float32" | "bfloat16" | "float64" (the fold runs in float32,
-    or in float64 for a float64 SAE).
-    """
-    what = "load_llamascope"
-    d = _directory(directory, what)
-    hp_path = _require_file(d, LLAMASCOPE_HYPERPARAMS, what, "LlamaScope (hyperparams.json + checkpoints/final.safetensors)")
-    hp = _read_json(hp_path, what)
-    if dtype not in _DTYPE_NAMES.values():
-        raise RanklensError(f"{what}: dtype={dtype!r}; expected one of {', '.join(_DTYPE_NAMES.values())}")
-    sae_type = hp.get("sae_type", "sae")
-    if sae_type != "sae":
-        raise RanklensError(f"{what}: sae_type={sae_type!r} in {str(hp_path)!r} is not supported; expected 'sae'")
-
-    d_model = _positive_int(hp.get("d_model"), "d_model", what)
-    if "d_sae" in hp and hp["d_sae"] is not None:
-        d_sae = _positive_int(hp["d_sae"], "d_sae", what)
-    elif "expansion_factor" in hp:
-        d_sae = _positive_int(d_model * hp["expansion_factor"], "d_model * expansion_factor", what)
-    else:
-        raise RanklensError(f"{what}: {str(hp_path)!r} has neither d_sae nor expansion_factor; expected one of them")
-    if _flag(hp, "use_glu_encoder", False, what):
-        raise RanklensError(f"{what}: use_glu_encoder=true is not supported; expected false (a plain linear encoder)")
-    hook_in = hp.get("hook_point_in")
-    hook_out = hp.get("hook_point_out") or hook_in
-    if hook_in is not None and hook_out != hook_in and not allow_transcoder:
-        raise RanklensError(
-            f"{what}: hook_point_in={hook_in!r} differs from hook_point_out={hook_out!r} (a transcoder); expected "
-            "the same hook, or pass allow_transcoder=True"
-        )
-    use_b_dec = _flag(hp, "use_decoder_bias", True, what)
-    pre_bias = _flag(hp, "apply_decoder_bias_to_pre_encoder", None, what) if use_b_dec else False
-    unit_dec = _flag(hp, "sparsity_include_decoder_norm", True, what)
-
-    act_fn = str(hp.get("act_fn", "relu")).lower()
-    theta = hp.get("jump_relu_threshold", 0.0)
-    if theta is None:
-        theta = 0.0
-    if isinstance(theta, bool) or not isinstance(theta, int | float) or not math.isfinite(theta):
-        raise RanklensError(f"{what}: jump_relu_threshold={theta!r}; expected a finite number")
-    if act_fn == "topk" and theta > 0:
-        act_fn = "jumprelu"  # as the reference loader does: the Llama Scope SAEs were converted after training
-    k = None
-    if act_fn == "jumprelu":
-        if theta < 0:
-            raise RanklensError(f"{what}: jump_relu_threshold={theta!r}; expected a number >= 0")
-        activation = "jumprelu" if theta > 0 else "relu"  # pre.where(pre > 0, 0) is relu
-    elif act_fn == "topk":
-        activation = "topk"
-        k = _positive_int(hp.get("top_k", 50), "top_k", what)
-        if k > d_sae:
-            raise RanklensError(f"{what}: top_k={k}; expected 1 <= top_k <= d_sae={d_sae}")
-    elif act_fn == "relu":
-        activation = "relu"
-    else:
-        raise RanklensError(f"{what}: act_fn={act_fn!r} is not supported; expected 'relu', 'topk' or 'jumprelu'")
-
-    ckpt = next((d / name for name in LLAMASCOPE_CHECKPOINTS if (d / name).is_file()), None)
-    if ckpt is None:
-        pickles = [name.replace(".safetensors", ".pt") for name in LLAMASCOPE_CHECKPOINTS]
-        found_pt = [p for p in pickles if (d / p).is_file()]
-        hint = f" (found {', '.join(found_pt)}: .pt pickles are not loaded)" if found_pt else ""
-        raise RanklensError(f"{what}: {str(d)!r} has no checkpoint{hint}; expected one of {', '.join(LLAMASCOPE_CHECKPOINTS)}")
-    tensors = _read_tensors(ckpt, what)
-
-    norm_activation = hp.get("norm_activation")
-    if norm_activation == "dataset-wise":
-        a_in, a_out = _llamascope_norms(hp, tensors, what)
-        s_in, s_out = math.sqrt(d_model) / a_in, math.sqrt(d_model) / a_out
-    elif norm_activation in ("inference", "none"):
-        s_in = s_out = 1.0
-    elif norm_activation is None:
-        raise RanklensError(
-            f"{what}: {str(hp_path)!r} has no norm_activation; expected 'dataset-wise', 'inference' or 'none' "
-            "(its default differs between lm-saes versions)"
-        )
-    else:
-        raise RanklensError(
-            f"{what}: norm_activation={norm_activation!r} normalizes each token by its own norm, which weights cannot "
-            "express; expected 'dataset-wise', 'inference' or 'none'"
-        )
-    if pre_bias and not math.isclose(s_in, s_out, rel_tol=1e-12):
-        raise RanklensError(
-            f"{what}: apply_decoder_bias_to_pre_encoder with different in/out norms ({s_in:g} vs {s_out:g}); "
-            "expected equal norms (one decoder bias cannot serve both scales)"
-        )
-
-    tensors = {k_: v for k_, v in tensors.items() if not k_.startswith("dataset_average_activation_norm.")}
-    expected = {"encoder.weight": (d_sae, d_model), "encoder.bias": (d_sae,), "decoder.weight": (d_model, d_sae)}
-    if use_b_dec:
-        expected["decoder.bias"] = (d_model,)
-    _check_shapes(tensors, expected, what, ckpt)
-
-    fold_dt = torch.float64 if dtype == "float64" else torch.float32  # the fold's dtype (see load_saelens)
-    W_E = tensors["encoder.weight"].to(fold_dt)  # [d_sae, d_model]: row i is feature i
-    b_E = tensors["encoder.bias"].to(fold_dt) / s_in
-    W_D = tensors["decoder.weight"].to(fold_dt).T * (s_in / s_out)  # [d_sae, d_model]
-    b_D = tensors["decoder.bias"].to(fold_dt) / s_out if use_b_dec else torch.zeros(d_model, dtype=fold_dt)
-    if unit_dec:
-        n = torch.linalg.vector_norm(W_D, dim=1)  # [d_sae]
-        dead = n == 0
-        n_safe = torch.where(dead, torch.ones_like(n), n)
-        W_D = W_D / n_safe[:, None]
-        W_E = W_E * n_safe[:, None]
-        b_E = b_E * n_safe
-        # Zero decoder column: the reference divides 0 by 0; its gate (pre * 0 > theta) never opens.
-        W_E[dead] = 0
-        b_E[dead] = 0
-    config = SAEConfig(
-        d_in=d_model, n_features=d_sae, activation=activation, k=k, apply_b_dec_to_input=pre_bias, dtype=dtype
-    )
-    log_threshold = torch.full((d_sae,), math.log(theta), dtype=torch.float64) if activation == "jumprelu" else None
-    return _build(config, W_E, b_E, W_D, b_D, log_threshold, device)
-
-
-# ============================================================================ detection
-
-
-def load_sae(directory: str | Path, device: torch.device | str = "cpu") -> SparseAutoencoder:
-    """Load an SAE directory in whichever layout it is: SAELens (``cfg.json`` + ``sae_weights.safetensors``) or
-    LlamaScope (``hyperparams.json``)."""
-    what = "load_sae"
-    d = _directory(directory, what)
-    if (d / SAELENS_CFG).is_file() and (d / SAELENS_WEIGHTS).is_file():
-        return load_saelens(d, device)
-    if (d / LLAMASCOPE_HYPERPARAMS).is_file():
-        return load_llamascope(d, device)
-    names = sorted(p.name for p in d.iterdir())
-    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
-    raise RanklensError(
-        f"{what}: {str(d)!r} holds {shown}; expected cfg.json + sae_weights.safetensors (SAELens) or "
-        "hyperparams.json + checkpoints/final.safetensors (LlamaScope)"
-    )
+    return build_sae(config, W_E, b_E, W_D, b_D, log_threshold, device)

@@ -13,8 +13,8 @@ from typing import Any
 
 from ranklens.config import DEFAULT_CONTEXT_LENGTH
 from ranklens.data.sources import held_out_text, recorded_held_out
+from ranklens.dictionaries.load import load_sae
 from ranklens.dictionaries.lorsa_io import open_lorsa
-from ranklens.dictionaries.saelens import load_sae
 from ranklens.errors import RanklensError
 from ranklens.eval.config import LorsaEvalConfig, SAEEvalConfig
 from ranklens.eval.held_out import HeldOutSet

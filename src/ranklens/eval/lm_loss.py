@@ -1,6 +1,6 @@
 """Next-token cross-entropy with a site replaced: the spliced LM loss and the fraction of loss recovered.
 
-Definitions (DESIGN.md; App. B of the dimensional-collapse paper; footnote 8 for Delta LM loss):
+Definitions (the README's Definitions; App. B of the dimensional-collapse paper; footnote 8 for Delta LM loss):
 
 - CE is the mean next-token cross-entropy over pairs (t, t+1) where both positions are ordinary tokens
   (`stat_mask`), so bos, eos and padding neither predict nor are predicted.

@@ -3,7 +3,7 @@
 The paper (Section 4.1) analyses the singular values of the mean-centered activation matrix A~ in R^{n x d}, one row per
 token, over 10 million tokens per site (Section 4.2). ranklens never materializes A~: since A~^T A~ = M2, the centered
 scatter matrix sum_i (x_i - mean)(x_i - mean)^T, the singular values are s_k = sqrt(eig_k(M2)) = sqrt(n * lambda_k) with
-lambda_k the eigenvalues of the ddof=0 covariance M2 / n (see ``ranklens.spectrum.stats``). This module accumulates
+lambda_k the eigenvalues of the ddof=0 covariance M2 / n (see ``ranklens.linalg.basis``). This module accumulates
 (n, mean, M2) batch by batch, with O(d^2) state and O(chunk x d) scratch memory.
 
 Update formula: Chan, Golub & LeVeque's pairwise combination ("Updating formulae and a pairwise algorithm for computing
@@ -89,7 +89,7 @@ def symmetric_gram(y: torch.Tensor, block: int = _GRAM_BLOCK) -> torch.Tensor:
     Block row i is one product Y[:, i:i+b]^T Y[:, i:] ([b, d - i]); the upper triangle is then mirrored into the
     lower one. Each entry is the same dot product ``Y.T @ Y`` computes, so the precision is the product's own; the
     result is exactly symmetric. ``block`` trades the saved FLOPs ((d + b) / 2d of them are done)
-    against smaller products; 96 was fastest at d = 576 on this CPU (bench/spectrum.py).
+    against smaller products (bench/README.md has the measurement behind the default).
     """
     d = y.shape[1]
     upper = torch.empty(d, d, dtype=y.dtype, device=y.device)

@@ -223,7 +223,7 @@ class Report:
         else:
             path = Path(png)
             if not path.is_file():
-                raise ValueError(f"Report.figure: {path} is not a file; expected a PNG written by ranklens.report.figures")
+                raise ValueError(f"Report.figure: {path} is not a file; expected a PNG (ranklens.report.plots.save_figure)")
             data, what = path.read_bytes(), str(path)
         if not data.startswith(PNG_MAGIC):
             raise ValueError(f"Report.figure: {what} is not a PNG (bad magic bytes {data[:8]!r})")
@@ -232,6 +232,17 @@ class Report:
         self._blocks.append(
             f'<figure><img src="{uri}" alt="{alt_text}"><figcaption>{_esc(caption)}</figcaption></figure>'
         )
+
+    def add_figure(self, draw: Callable[..., Path], args: tuple, path: Path, caption: str) -> bool:
+        """Draw a figure (``draw(*args, path)`` returns the PNG) and embed it; when the data cannot make it (the
+        drawing raises ValueError), say why in the report instead. True if the figure was embedded."""
+        try:
+            png = draw(*args, path)
+        except ValueError as exc:
+            self.paragraph(f"Figure omitted ({Path(path).name}): {exc}")
+            return False
+        self.figure(png, caption)
+        return True
 
     def verdict(self, claim: str, verdict: str, statistic: str) -> None:
         """Add a styled verdict line: the claim, "holds" / "does not hold" / "inconclusive", and the statistic."""

@@ -1,6 +1,6 @@
 """Figures of the SAE and Lorsa experiments (paper Figures 5-9), as pure functions: numbers in, PNG path out.
 
-Like ``ranklens.report.figures`` (which draws the spectrum figures of experiments 1-2), each function builds a
+Like ``ranklens.spectrum.figures`` (which draws the spectrum figures of experiments 1-2), each function builds a
 ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot state) and writes it atomically with ``save_figure``.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ranklens.report.figures import KIND_COLORS, kind_label, save_figure
+from ranklens.report.plots import KIND_COLORS, kind_label, save_figure
 
 METHOD_COLORS = {"TopK": "#7f7f7f", "AuxK": "#1f77b4", "ASI": "#d62728", "ASI + SparseAdam": "#9467bd",
                  "random subspace": "#ff7f0e", "default": "#7f7f7f"}

@@ -5,13 +5,13 @@ YAML key. A preset is a named set of field values: ``quick`` is the class defaul
 some of them. Values are resolved in this order: the preset, then the YAML file, then the flags
 (``ReproduceConfig.load``).
 
-- ``quick`` (what ``make demo`` runs): every experiment at reduced scale, within 20 minutes on a 2-core CPU; a
+- ``quick`` (what ``make demo`` runs): every experiment at reduced scale, minutes on a laptop CPU; a
   100k-token spectrum of every layer; 3 seeds per cell; dictionaries of 4x the model width, 32k training tokens (64
   steps of 512), 5 sampled layers.
-- ``standard`` (the README's results table; 68 minutes on this 2-core CPU, quiet): 5 seeds per cell, 8x
+- ``standard`` (the README's results table): 5 seeds per cell, 8x
   dictionaries, 400k training tokens per SAE (1.6 passes over a 250k-token store of 23 sites, ~6.6 GB) with bf16
   autocast, 7 layers for the dead-feature sweep.
-- ``long`` (experiment 9 alone, about four hours here): TopK, AuxK, ASI (the auto d_init and 256) and ASI +
+- ``long`` (experiment 9 alone, sized for hours on a 2-core CPU): TopK, AuxK, ASI (the auto d_init and 256) and ASI +
   SparseAdam at the middle layer's attention output, 3 seeds, the paper's batch of 4,096, 20M training tokens per SAE
   from a 2M-token store read for 10 epochs, a learning rate chosen by a sweep at this batch, and held-out curves.
 - ``paper`` (a GPU machine): the paper's sizes (App. E.1: 8x dictionaries, k = 50, batch 4,096, 800M tokens, lr 4e-5;
@@ -172,7 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "curve_tokens": [50_000, 100_000, 200_000],
         "budget_d_init_values": [256],
     },
-    # Experiment 9 alone, for as long as this machine can afford (about four hours on 2 cores): does ASI's advantage
+    # Experiment 9 alone, sized for a few hours on a 2-core CPU: does ASI's advantage
     # appear with budget? The paper's batch of 4,096; 20M training tokens per SAE read as 10 epochs of a 2M-token store
     # (each epoch in a new shard order through the refilling shuffle buffer); dead window a quarter of the run (5M).
     "long": {

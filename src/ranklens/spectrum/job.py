@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,19 +31,19 @@ from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
 from ranklens.data.corpus import iter_documents
-from ranklens.data.tokenize import TokenBatch, first_tokens, token_batches
+from ranklens.data.tokenize import token_batches
 from ranklens.distributed import broadcast_error, rank_device, world
 from ranklens.errors import RanklensError
-from ranklens.eval.lm_loss import cross_entropies, layer_inputs, zero_ablation
 from ranklens.io import atomic_write_bytes, atomic_write_json, read_json
 from ranklens.linalg.accumulator import CovarianceAccumulator, NormStats
-from ranklens.linalg.basis import PrincipalBasis, principal_basis
+from ranklens.linalg.basis import principal_basis
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, max_positions
 from ranklens.lm.sites import Architecture, Site, parse_sites
 from ranklens.rundir import prepare_run_dir
 from ranklens.spectrum.config import SpectrumConfig
 from ranklens.spectrum.distributed import gather_accumulators
+from ranklens.spectrum.loss_recovered import loss_recovered
 from ranklens.spectrum.stats import spectrum_summary, stability_summary, variance_decomposition
 
 RESULT_NAME = "spectrum.json"
@@ -194,70 +193,6 @@ def _accumulate_own(lm: LoadedModel, sites: list[Site], split_sites: set[str], c
     return state
 
 
-# --------------------------------------------------------------------------- step 3: loss recovered (App. B)
-
-
-def held_out_batches(lm: LoadedModel, cfg: SpectrumConfig, skip_docs: int) -> list[TokenBatch]:
-    """Whole sequences of the documents after the accumulated ones, until `loss_tokens` tokens."""
-    batches = first_tokens(token_batches(_documents(cfg, skip_docs), lm.tokenizer, cfg.context_length,
-                                         cfg.batch_tokens), cfg.loss_tokens)
-    if not batches:
-        raise RanklensError(f"corpus {cfg.corpus!r} has no documents left for held-out loss evaluation after "
-                            f"{skip_docs} documents; lower --tokens or use a larger corpus")
-    return batches
-
-
-def subspace_projection(mean: torch.Tensor, basis: torch.Tensor):
-    """x -> mean + (x - mean) V_n V_n^T (App. B), computed in float32; n = basis.shape[1] (n = 0 gives the mean)."""
-    mean32, v32 = mean.float(), basis.float()
-
-    def project(x: torch.Tensor) -> torch.Tensor:
-        centered = x.float() - mean32
-        return mean32 + (centered @ v32) @ v32.T
-
-    return project
-
-
-def _grid(d: int, points: int) -> list[int]:
-    geometric = {int(round(v)) for v in torch.logspace(0, math.log10(d), max(points, 2)).tolist()}
-    return sorted(geometric | {0, d})
-
-
-def loss_recovered_curve(lm: LoadedModel, arch: Architecture, site: Site, mean: torch.Tensor,
-                         basis: PrincipalBasis, batches: list[TokenBatch], ce_clean: float, ce_zero: float,
-                         points: int, target: float = 0.99, prefixes: list | None = None) -> dict[str, Any]:
-    """Fraction of loss recovered against kept components n, and the smallest n reaching `target`. `prefixes`
-    (`layer_inputs` of the site's layer on `batches`) saves recomputing the layers before the site per evaluation."""
-    d = basis.eigenvectors.shape[0]
-    ce_by_n: dict[int, float] = {}
-
-    def evaluate(ns: list[int]) -> None:
-        todo = [n for n in ns if n not in ce_by_n]
-        fns = {str(n): subspace_projection(mean, basis.eigenvectors[:, :n]) for n in todo}
-        for name, ce in cross_entropies(lm.model, arch, batches, site, fns, prefixes=prefixes).items():
-            ce_by_n[int(name)] = ce
-
-    def frac(n: int) -> float:
-        return (ce_zero - ce_by_n[n]) / (ce_zero - ce_clean)
-
-    grid = _grid(d, points)
-    evaluate(grid)
-    reached = [n for n in grid if frac(n) >= target]
-    n_target = None
-    if reached:  # bisect between the last grid point below the target and the first at or above it
-        hi = reached[0]
-        lo = max([n for n in grid if n < hi and frac(n) < target], default=hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            evaluate([mid])
-            lo, hi = (mid, hi) if frac(mid) < target else (lo, mid)
-        n_target = hi
-    ns = sorted(ce_by_n)
-    return {"n": ns, "fraction": [frac(n) for n in ns], "ce": [ce_by_n[n] for n in ns], "ce_clean": ce_clean,
-            "ce_zero": ce_zero, "n_99": n_target, "frac_dims_99": None if n_target is None else n_target / d,
-            "n_tokens": sum(b.n_tokens for b in batches), "target": target}
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -369,7 +304,7 @@ def _measure(cfg: SpectrumConfig, out: Path, progress: bool, distributed: bool =
 
     if loss_sites:
         start = time.monotonic()
-        _loss_recovered(lm, arch, cfg, state, loss_sites, by_name, out / "state", progress)
+        loss_recovered(lm, arch, cfg, state, loss_sites, by_name, out / "state", progress)
         timings["loss_recovered"] = time.monotonic() - start
 
     result = {"format": "ranklens.spectrum/1", "model": cfg.model, "corpus": cfg.corpus, "family": arch.family,
@@ -381,26 +316,6 @@ def _measure(cfg: SpectrumConfig, out: Path, progress: bool, distributed: bool =
         result["compare"] = _comparisons(cfg, out, progress)
         timings["compare"] = time.monotonic() - start
     return result
-
-
-def _loss_recovered(lm, arch, cfg, state, loss_sites, by_name, state_dir: Path, progress: bool) -> None:
-    """App. B curves, one site at a time, each cached in the state directory as soon as it is done."""
-    batches = held_out_batches(lm, cfg, state.docs_done)
-    cache_path = state_dir / "loss_recovered.json"
-    cache = read_json(cache_path) if cache_path.exists() else {}
-    prefixes: dict[int, list] = {}  # the input of each site's layer, captured once for all its evaluations
-    for site in tqdm(loss_sites, desc="loss recovered", disable=not progress, file=sys.stderr):
-        if site.name not in cache:
-            acc = state.full(site.name)
-            if site.layer not in prefixes:
-                prefixes[site.layer] = layer_inputs(lm.model, arch, batches, site)
-            ce = cross_entropies(lm.model, arch, batches, site, {"clean": None, "zero": zero_ablation},
-                                 prefixes=prefixes[site.layer])
-            cache[site.name] = loss_recovered_curve(lm, arch, site, acc.mean, principal_basis(acc), batches,
-                                                    ce["clean"], ce["zero"], cfg.loss_points,
-                                                    prefixes=prefixes[site.layer])
-            atomic_write_json(cache_path, cache)
-        by_name[site.name]["loss_recovered"] = cache[site.name]
 
 
 def _comparisons(cfg: SpectrumConfig, out: Path, progress: bool) -> list[dict[str, Any]]:

@@ -14,15 +14,15 @@ writes ``out_dir/report.html``. Every sentence under "Findings" is computed from
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ranklens.errors import RanklensError
-from ranklens.report import figures
-from ranklens.report.figures import kind_label
 from ranklens.report.html import Report, format_number, software_versions
+from ranklens.report.plots import KIND_ORDER, kind_label, ordered_kinds
+from ranklens.spectrum import figures
 
 __all__ = ["build_spectrum_report", "decomposition_summary"]
 
@@ -325,17 +325,6 @@ def _comparison_finding(groups: Mapping[str, list[Record]]) -> str | None:
 # --------------------------------------------------------------------------- figures
 
 
-def _add_figure(rep: Report, draw: Callable[..., Path], args: tuple, path: Path, caption: str) -> bool:
-    """Draw a figure and embed it; if the data cannot make it, say why in the report instead."""
-    try:
-        png = draw(*args, path)
-    except ValueError as exc:
-        rep.paragraph(f"Figure omitted ({path.name}): {exc}")
-        return False
-    rep.figure(png, caption)
-    return True
-
-
 def _erank_caption(recs: Sequence[Record]) -> str:
     parts = [f"{kind_label(str(r['kind']))} {format_number(float(r['effective_rank']))}"
              for r in recs if r.get("effective_rank") is not None and r["kind"] in ("attn_out", "mlp_out", "resid_post", "resid_pre")]
@@ -347,8 +336,8 @@ def _erank_caption(recs: Sequence[Record]) -> str:
 
 def _section_overview(rep: Report, ctx: _Context) -> None:
     res = ctx.result
-    kinds = sorted({str(r["kind"]) for r in ctx.records}, key=lambda k: figures.KIND_ORDER.index(k)
-                   if k in figures.KIND_ORDER else 99)
+    kinds = sorted({str(r["kind"]) for r in ctx.records}, key=lambda k: KIND_ORDER.index(k)
+                   if k in KIND_ORDER else 99)
     overview = {
         "model": res.get("model"),
         "family": res.get("family"),
@@ -389,12 +378,12 @@ def _section_findings(rep: Report, ctx: _Context) -> None:
 def _section_layers(rep: Report, ctx: _Context) -> None:
     rep.heading("Effective rank across layers")
     model, corpus = ctx.result.get("model", "?"), ctx.result.get("corpus", "?")
-    _add_figure(rep, figures.erank_by_layer, (ctx.records,), ctx.fig_dir / "erank_by_layer.png",
+    rep.add_figure(figures.erank_by_layer, (ctx.records,), ctx.fig_dir / "erank_by_layer.png",
                 f"Fraction of effective rank (erank / d) per layer and site kind, {model} on {corpus} "
                 "(cf. paper Figure 2, left).")
     kinds = {str(r["kind"]) for r in ctx.records}
     if {"attn_z", "attn_out"} <= kinds:
-        _add_figure(rep, figures.erank_z_vs_o, (ctx.records,), ctx.fig_dir / "erank_z_vs_o.png",
+        rep.add_figure(figures.erank_z_vs_o, (ctx.records,), ctx.fig_dir / "erank_z_vs_o.png",
                     "Effective rank of the concatenated head outputs Z and of the attention output O = Z W^O per "
                     "layer; dotted: the dimension d (cf. paper Figure 11).")
     _layer_table(rep, ctx)
@@ -424,11 +413,11 @@ def _section_middle_layer(rep: Report, ctx: _Context) -> None:
         rep.paragraph(ctx.middle_note)
     with_sv = [r for r in recs if r.get("singular_values")]
     if with_sv:
-        _add_figure(rep, figures.singular_spectra, (with_sv,), ctx.fig_dir / f"singular_spectra_L{ctx.middle}.png",
+        rep.add_figure(figures.singular_spectra, (with_sv,), ctx.fig_dir / f"singular_spectra_L{ctx.middle}.png",
                     f"Singular values relative to the largest at layer {ctx.middle}; dashed: 1% of the largest "
                     f"(cf. paper Figure 3a). {_erank_caption(with_sv)}")
     if any(r.get("loss_recovered") for r in recs):
-        _add_figure(rep, figures.loss_recovered_curves, (recs,), ctx.fig_dir / f"loss_recovered_L{ctx.middle}.png",
+        rep.add_figure(figures.loss_recovered_curves, (recs,), ctx.fig_dir / f"loss_recovered_L{ctx.middle}.png",
                     "Fraction of the loss lost to zero ablation that is recovered when the activation is replaced by "
                     "its mean plus its projection on the top-n singular directions; stars: the smallest n that reaches "
                     f"{_target_label(recs)} (cf. paper Figure 3b, App. B).")
@@ -467,7 +456,7 @@ def _section_decomposition(rep: Report, ctx: _Context) -> None:
     )
     rows = []
     for r in recs:
-        _add_figure(rep, figures.wo_decomposition, (r,), ctx.fig_dir / f"wo_decomposition_L{r['layer']}.png",
+        rep.add_figure(figures.wo_decomposition, (r,), ctx.fig_dir / f"wo_decomposition_L{r['layer']}.png",
                     f"{r['site']}: variance of O along its principal directions (red) = contribution of Z (purple) "
                     "x contribution of W^O (blue), log scale (cf. paper Figure 4).")
         s = decomposition_summary(r["wo_decomposition"])
@@ -515,9 +504,9 @@ def _section_comparison(rep: Report, ctx: _Context) -> None:
     if not groups:
         return
     rep.heading("Comparison across models and corpora")
-    _add_figure(rep, figures.compare_bars, (groups,), ctx.fig_dir / "compare_middle_layer.png",
+    rep.add_figure(figures.compare_bars, (groups,), ctx.fig_dir / "compare_middle_layer.png",
                 "Fraction of effective rank at the middle layer of each setting (cf. paper Figure 2, middle and right).")
-    kinds = figures.ordered_kinds({str(r["kind"]) for recs in groups.values() for r in recs})
+    kinds = ordered_kinds({str(r["kind"]) for recs in groups.values() for r in recs})
     info = {str(c.get("label")): c for c in ctx.result.get("compare") or []}
     rows = []
     for label, recs in groups.items():
@@ -576,5 +565,5 @@ def _yaml(config: Any) -> str:
 
 
 def _sorted(records: Sequence[Record]) -> list[Record]:
-    order = {k: i for i, k in enumerate(figures.KIND_ORDER)}
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
     return sorted(records, key=lambda r: (int(r.get("layer", -1)), order.get(str(r.get("kind")), 99), str(r.get("site"))))

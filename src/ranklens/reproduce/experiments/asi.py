@@ -30,7 +30,7 @@ from ranklens.reproduce.experiments.sae_runs import (
 )
 from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
-from ranklens.reproduce.report_parts import add_figure, verdict_blocks
+from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, bonferroni_any, sign_test, welch_less
 
 NAME = "asi"
@@ -97,12 +97,12 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     base = {metric: mean_std(values(result, lay["baseline"], metric)) for metric in metrics}
     panels = [rfig.Panel(label, "d_init", {"ASI": _series(result, lay["d_init_sweep"], metric)},
                          {"TopK": base[metric]}, logx=True) for metric, label in metrics.items()]
-    add_figure(rep, rfig.metric_panels, (panels,), fig_dir / "fig6_d_init_sweep.png",
+    rep.add_figure(rfig.metric_panels, (panels,), fig_dir / "fig6_d_init_sweep.png",
                "ASI across d_init (mean \u00b1 std over seeds); dashed: the standard init (d_init = d) (cf. Figure 6).")
     k_panels = [rfig.Panel(label, "k", {method: _series(result, {k: ms[method] for k, ms in lay["k_sweep"].items()},
                                                         metric) for method in K_METHODS})
                 for metric, label in metrics.items()]
-    add_figure(rep, rfig.metric_panels, (k_panels,), fig_dir / "fig7_k_sweep.png",
+    rep.add_figure(rfig.metric_panels, (k_panels,), fig_dir / "fig7_k_sweep.png",
                "TopK, AuxK and ASI across k (mean \u00b1 std over seeds) (cf. Figure 7, Table 4).")
     rows = [[f"k={k}", label] + [fmt_mean_std(values(result, ms[method], metric)) for method in K_METHODS]
             for k, ms in sorted(lay["k_sweep"].items(), key=lambda kv: int(kv[0])) for metric, label in metrics.items()]

@@ -25,7 +25,7 @@ from ranklens.reproduce import figures as rfig
 from ranklens.reproduce.experiments.sae_runs import fmt_mean_std, mean_std
 from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Cell, Plan
-from ranklens.reproduce.report_parts import add_figure, verdict_blocks
+from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, welch_less
 from ranklens.train.trainer import CURVE_NAME
 
@@ -150,7 +150,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     panels = [rfig.Panel(label, "training tokens", {name: curve_series(result, names, metric)
                                                     for name, names in g.items()}, logx=True)
               for metric, label in (("fvu", "held-out FVU"), ("eval_dead", "never fire on held-out text"))]
-    add_figure(rep, rfig.curve_panels, (panels,), fig_dir / "fig_budget_curves.png",
+    rep.add_figure(rfig.curve_panels, (panels,), fig_dir / "fig_budget_curves.png",
                "A: held-out FVU against training tokens; B: share of features never firing on the held-out tokens "
                "(mean \u00b1 std over seeds, log axis).")
     rows = [[label, fmt_mean_std(final(result, names, "fvu")), fmt_mean_std(final(result, names, "train_dead_fraction")),

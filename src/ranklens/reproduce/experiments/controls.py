@@ -31,7 +31,7 @@ from ranklens.reproduce.experiments.sae_runs import (
 )
 from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
-from ranklens.reproduce.report_parts import add_figure, verdict_blocks
+from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, welch_less
 
 NAME = "controls"
@@ -82,7 +82,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     groups = {label: {name: mean_std(values(result, g[key], metric)) for name, key in
                       (("TopK", "attn TopK"), ("ASI", "attn ASI"), ("random subspace", "attn random"))}
               for metric, label in metrics.items()}
-    add_figure(rep, rfig.grouped_bars, ({k: v for k, v in groups.items() if k != METRICS["delta_lm_loss"]},
+    rep.add_figure(rfig.grouped_bars, ({k: v for k, v in groups.items() if k != METRICS["delta_lm_loss"]},
                                         "value"), fig_dir / "fig12_random_subspace.png",
                f"{lay['attn_site']}: dead fraction and FVU of the standard init, ASI and the random-subspace init "
                "(mean \u00b1 std over seeds) (cf. Figure 12).")

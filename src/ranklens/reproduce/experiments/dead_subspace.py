@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ranklens.dictionaries.saelens import load_sae
+from ranklens.dictionaries.load import load_sae
 from ranklens.eval.jobs import RUN_SAE_DIR as SAE_DIR
 from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.linalg.basis import principal_basis

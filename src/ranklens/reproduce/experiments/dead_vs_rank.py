@@ -21,7 +21,7 @@ from ranklens.reproduce.experiments import low_rank
 from ranklens.reproduce.experiments.sae_runs import sae_step
 from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
-from ranklens.reproduce.report_parts import add_figure, verdict_blocks
+from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, sign_test, spearman_negative
 
 NAME = "dead_vs_rank"
@@ -68,7 +68,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     rep.paragraph(f"Standard-init TopK SAEs with {m['n_features']:,} features and k = {m['k']}, {m['tokens']:,} "
                   f"training tokens each, at {len(points)} sites of layers {result['layout']['layers']}; a feature is "
                   f"dead if it did not fire in the last {m['dead_window_tokens']:,} training tokens.")
-    add_figure(rep, rfig.dead_vs_erank, (points,), fig_dir / "fig5_dead_vs_erank.png",
+    rep.add_figure(rfig.dead_vs_erank, (points,), fig_dir / "fig5_dead_vs_erank.png",
                "Dead-feature fraction per layer and site kind (left) and against the site's effective rank (right) "
                "(cf. Figure 5).")
     rep.table(["site", "effective rank", "dead fraction", "FVU"],

@@ -29,7 +29,7 @@ from ranklens.reproduce.commands import cli_command
 from ranklens.reproduce.experiments.sae_runs import fmt_mean_std, mean_std, values
 from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
-from ranklens.reproduce.report_parts import add_figure, verdict_blocks
+from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, welch_less
 from ranklens.train.config import LorsaTrainConfig
 from ranklens.train.lorsa_job import METRICS_NAME, train_lorsa
@@ -137,7 +137,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
                   f"init; dead heads over the last {m['dead_window_tokens']:,} training tokens.")
     shown = {label: {INITS[init]: mean_std(values(result, g[init], metric)) for init in INITS}
              for metric, label in METRICS.items() if metric != "delta_lm_loss"}
-    add_figure(rep, rfig.grouped_bars, (shown, "value"), fig_dir / "fig9_lorsa.png",
+    rep.add_figure(rfig.grouped_bars, (shown, "value"), fig_dir / "fig9_lorsa.png",
                "Dead-head fraction and FVU of Lorsa with the default init and with ASI (mean \u00b1 std over seeds) "
                "(cf. Figure 9).")
     rows = [[INITS[init]] + [fmt_mean_std(values(result, names, metric)) for metric in METRICS]
@@ -147,7 +147,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     z = result["zpattern"]
     if z["heads"]:
         tokens = [t.replace("\n", "\\n") for t in z["heads"][0]["tokens"]]
-        add_figure(rep, rfig.heatmap, ([h["row"] for h in z["heads"]],
+        rep.add_figure(rfig.heatmap, ([h["row"] for h in z["heads"]],
                                        [f"head {h['head']} at {h['query_token']!r}" for h in z["heads"]], tokens),
                    fig_dir / "lorsa_zpattern.png",
                    f"z patterns of the {len(z['heads'])} most active heads of {z['run']} on "

@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ranklens.report import figures
 from ranklens.report.html import Report
 from ranklens.reproduce.commands import cli_command
 from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
-from ranklens.reproduce.report_parts import add_figure, verdict_blocks
+from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, compare_values, sign_test
+from ranklens.spectrum import figures
 from ranklens.spectrum.job import SpectrumConfig, run_spectrum
 
 NAME = "low_rank"
@@ -140,19 +140,19 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
                   f"layer, activations with a norm above mean + 5 sigma excluded (footnote 3); middle layer {mid}; comparisons on {len(result.get('compare', []))} other settings "
                   f"({', '.join(c['label'] for c in result.get('compare', [])) or 'none'}). Full numbers: "
                   f"{result['spectrum_json']}.")
-    add_figure(rep, figures.erank_by_layer, (main,), fig_dir / "fig2_erank_by_layer.png",
+    rep.add_figure(figures.erank_by_layer, (main,), fig_dir / "fig2_erank_by_layer.png",
                "Fraction of effective rank per layer (cf. Figure 2, left).")
     groups = {f"{result['model']} / {result['corpus']}": [r for r in layers.get(mid, {}).values()
                                                           if r["kind"] in MAIN_KINDS]}
     groups.update({c["label"]: [r for r in c["records"] if r["kind"] in MAIN_KINDS] for c in result.get("compare", [])})
     if len(groups) > 1:
-        add_figure(rep, figures.compare_bars, (groups,), fig_dir / "fig2_compare.png",
+        rep.add_figure(figures.compare_bars, (groups,), fig_dir / "fig2_compare.png",
                    "Fraction of effective rank at the middle layer of each model and corpus (cf. Figure 2, middle "
                    "and right).")
     mid_main = [layers[mid][k] for k in MAIN_KINDS if k in layers.get(mid, {})]
-    add_figure(rep, figures.singular_spectra, (mid_main,), fig_dir / "fig3a_singular_spectra.png",
+    rep.add_figure(figures.singular_spectra, (mid_main,), fig_dir / "fig3a_singular_spectra.png",
                f"Singular values relative to the largest at layer {mid}; dashed: 1% (cf. Figure 3a).")
-    add_figure(rep, figures.loss_recovered_curves, (mid_main,), fig_dir / "fig3b_loss_recovered.png",
+    rep.add_figure(figures.loss_recovered_curves, (mid_main,), fig_dir / "fig3b_loss_recovered.png",
                f"Fraction of the zero-ablation loss recovered by the top-n singular components at layer {mid} "
                "(cf. Figure 3b, App. B).")
     rows = [[r["site"], r["d"], r["effective_rank"], r["erank_fraction"], r["frac_sv_above_1pct"],

@@ -24,7 +24,7 @@ from ranklens.reproduce import figures as rfig
 from ranklens.reproduce.experiments.sae_runs import sae_step
 from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
-from ranklens.reproduce.report_parts import add_figure, verdict_blocks
+from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, sign_test
 
 NAME = "scaling"
@@ -96,7 +96,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     panels = [rfig.Panel("FVU", "features", series("fvu"), logx=True),
               rfig.Panel("dead fraction", "features", series("train_dead_fraction"), logx=True),
               rfig.Panel("FVU", "alive features", series("fvu", "alive"), logx=True)]
-    add_figure(rep, rfig.metric_panels, (panels,), fig_dir / "fig8_scaling.png",
+    rep.add_figure(rfig.metric_panels, (panels,), fig_dir / "fig8_scaling.png",
                "(A) FVU against dictionary size, (B) dead fraction, (C) FVU against alive features (cf. Figure 8).")
     rows = [[f"{e}x", int(v["n_features"])] + [t[m][e][key] for m in METHODS for key in ("fvu", "train_dead_fraction")]
             for e, v in sorted(t["TopK"].items(), key=lambda kv: int(kv[0]))]

@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ranklens.report import figures
 from ranklens.report.html import Report
 from ranklens.reproduce.experiments import low_rank
 from ranklens.reproduce.pipeline import Step
 from ranklens.reproduce.plan import Plan
-from ranklens.reproduce.report_parts import add_figure, verdict_blocks
+from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, compare_values, sign_test
+from ranklens.spectrum import figures
 from ranklens.spectrum.report import decomposition_summary
 
 NAME = "wo"
@@ -58,12 +58,12 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
 def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: Path) -> None:
     result = record["result"]
     mid = result["middle_layer"]
-    add_figure(rep, figures.wo_decomposition, ({"site": f"L{mid}.attn_out", "layer": mid,
+    rep.add_figure(figures.wo_decomposition, ({"site": f"L{mid}.attn_out", "layer": mid,
                                                  "wo_decomposition": result["decomposition"]},),
                fig_dir / "fig4_wo_decomposition.png",
                f"L{mid}.attn_out: Var(O e) along O's principal directions (red) = contribution of Z (purple) x "
                "contribution of W_O (blue) (cf. Figure 4).")
-    add_figure(rep, figures.erank_z_vs_o, (result["erank"],), fig_dir / "fig11_erank_z_vs_o.png",
+    rep.add_figure(figures.erank_z_vs_o, (result["erank"],), fig_dir / "fig11_erank_z_vs_o.png",
                "Effective rank of Z and of O = Z W_O per layer (cf. Figure 11).")
     s = result["summary"]
     if s:

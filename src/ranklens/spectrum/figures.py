@@ -13,9 +13,7 @@ disk is always complete.
 
 from __future__ import annotations
 
-import io
 import math
-import os
 import re
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -27,57 +25,24 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from ranklens.io import atomic_write_bytes
+from ranklens.report.plots import KIND_COLORS, KIND_ORDER, PathLike, kind_label, ordered_kinds, save_figure
 
 __all__ = [
-    "KIND_COLORS",
-    "KIND_LABELS",
-    "KIND_ORDER",
     "compare_bars",
     "erank_by_layer",
     "erank_z_vs_o",
-    "kind_label",
     "loss_recovered_curves",
-    "ordered_kinds",
-    "save_figure",
     "singular_spectra",
     "wo_decomposition",
 ]
 
 Record = Mapping[str, Any]
-PathLike = str | os.PathLike[str]
 
-KIND_ORDER = ("resid_pre", "attn_in", "attn_z", "attn_out", "mlp_in", "mlp_hidden", "mlp_out", "resid_post")
-KIND_LABELS = {
-    "resid_pre": "residual stream (pre)",
-    "attn_in": "attention input",
-    "attn_z": "attention Z (concat. heads)",
-    "attn_out": "attention output",
-    "mlp_in": "MLP input",
-    "mlp_hidden": "MLP hidden",
-    "mlp_out": "MLP output",
-    "resid_post": "residual stream",
-}
-# Fixed per kind across every figure; attention output is red and drawn heavier (it is the paper's subject).
-KIND_COLORS = {
-    "resid_pre": "#7f7f7f",
-    "attn_in": "#ff7f0e",
-    "attn_z": "#9467bd",
-    "attn_out": "#d62728",
-    "mlp_in": "#17becf",
-    "mlp_hidden": "#8c564b",
-    "mlp_out": "#1f77b4",
-    "resid_post": "#2ca02c",
-}
 _OTHER_COLOR = "#555555"
 # Figure 4: O = Z W^O is red, the factors purple (Z) and blue (W^O).
 _DECOMP_COLORS = {"var_O": "#d62728", "contrib_Z": "#8e44ad", "contrib_WO": "#1f77b4"}
-DPI = 120
 
 
-def kind_label(kind: str) -> str:
-    """Readable name of a site kind (``attn_out`` -> ``attention output``); unknown kinds are returned as is."""
-    return KIND_LABELS.get(kind, kind)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -139,10 +104,6 @@ def _positive_or_nan(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def ordered_kinds(kinds: Sequence[str] | set[str]) -> list[str]:
-    """Kinds in the canonical order of KIND_ORDER, unknown kinds last (sorted)."""
-    known = [k for k in KIND_ORDER if k in kinds]
-    return known + sorted(k for k in kinds if k not in KIND_ORDER)
 
 
 def _color(kind: str) -> str:
@@ -170,16 +131,6 @@ def _new_figure(size: tuple[float, float] = (7.5, 4.4)) -> tuple[Figure, Any]:
     ax.grid(True, which="major", alpha=0.3, linewidth=0.6)
     ax.spines[["top", "right"]].set_visible(False)
     return fig, ax
-
-
-def save_figure(fig: Figure, path: PathLike) -> Path:
-    """Write `fig` as a PNG at DPI through a temporary file and a rename; the figure is cleared."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    fig.clear()
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _common_layer(recs: list[Record], what: str) -> int | None:
