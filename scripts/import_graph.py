@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "ranklens"
 # From the floor up. Packages on one line do not import each other.
 LAYERS: list[list[str]] = [
     ["errors", "allocator", "version"],
-    ["io", "linalg", "config"],
-    ["distributed", "rundir"],
+    ["io", "linalg", "config", "lock"],
+    ["distributed", "rundir", "tensor_tree"],
     ["lm"],
     ["data"],
     ["dictionaries"],

@@ -67,7 +67,7 @@ def test_killed_run_resumes_bit_exactly(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "_one_step", dies_after_4)
     with pytest.raises(KeyboardInterrupt):
         train_lorsa(cfg, tmp_path / "b", progress=False)
-    assert not (tmp_path / "b" / "metrics.json").exists() and (tmp_path / "b" / "checkpoint.pt").exists()
+    assert not (tmp_path / "b" / "metrics.json").exists() and (tmp_path / "b" / "checkpoint.safetensors").exists()
     monkeypatch.setattr(Trainer, "_one_step", original)
     resumed = train_lorsa(cfg, tmp_path / "b", progress=False)
     a, b = load_file(tmp_path / "a" / "lorsa" / "lorsa.safetensors"), load_file(tmp_path / "b" / "lorsa" /

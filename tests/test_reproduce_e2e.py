@@ -66,7 +66,7 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
     assert all(c.startswith("ranklens train sae ") and "--store" in c for c in asi["commands"])
     assert len(asi["result"]["layout"]["baseline"]) == 2  # seeds per cell
     runs = asi["result"]["runs"]
-    assert all((out / r["dir"] / "metrics.json").exists() and not (out / r["dir"] / "checkpoint.pt").exists()
+    assert all((out / r["dir"] / "metrics.json").exists() and not (out / r["dir"] / "checkpoint.safetensors").exists()
                for r in runs.values())
     z = results["steps"]["lorsa"]["result"]["zpattern"]
     assert z["heads"] and len(z["heads"][0]["row"]) == len(z["heads"][0]["tokens"])

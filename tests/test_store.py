@@ -415,7 +415,7 @@ def test_unrelated_files_are_refused(tmp_path: Path) -> None:
 def test_second_writer_is_refused(tmp_path: Path) -> None:
     d = tmp_path / "acts"
     w = write_store(d, range(2), finish=False)
-    with pytest.raises(RanklensError, match="another writer"):
+    with pytest.raises(RanklensError, match="is in use by process"):
         ActivationStoreWriter.open(d, META, SITES, torch.float32)
     w.close()
     ActivationStoreWriter.open(d, META, SITES, torch.float32).close()
@@ -482,7 +482,7 @@ def test_add_validates_its_input(tmp_path: Path) -> None:
             w.add(**{**b, "stat_mask": pad_true})
     nan = {**b["acts"], "L0.attn_out": b["acts"]["L0.attn_out"].clone()}
     nan["L0.attn_out"][0, 0, 0] = float("nan")
-    with pytest.raises(RanklensError, match="non-finite"):
+    with pytest.raises(RanklensError, match="site L0.attn_out hold NaN or inf"):
         w.add(**{**b, "acts": nan})
     w.add(**b)
     with pytest.raises(RanklensError, match="docs_consumed"):

@@ -22,6 +22,7 @@ from ranklens.errors import RanklensError
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
 from ranklens.lm.sites import parse_sites
+from ranklens.rundir import check_output_dir
 from ranklens.version import __version__
 
 
@@ -38,6 +39,7 @@ def check_context_length(model, context_length: int) -> None:
 def collect(cfg: CollectConfig, out: str | Path, progress: bool = True, lm: LoadedModel | None = None,
             ) -> ActivationStore:
     """Collect (or resume, or reuse) the store in `out`; `lm` reuses a model the caller already loaded."""
+    check_output_dir(out)  # before the model loads
     lm = lm or load_model(cfg.model, cfg.dtype, cfg.device)
     check_context_length(lm.model, cfg.context_length)
     arch = lm.arch
@@ -50,15 +52,19 @@ def collect(cfg: CollectConfig, out: str | Path, progress: bool = True, lm: Load
     created = not Path(out).exists()
     writer = ActivationStoreWriter.open(out, meta, {s.name: arch.site_dim(s) for s in sites}, store_dtype,
                                         shard_tokens=cfg.shard_tokens)
+    reused = writer.complete
     try:
-        if not writer.complete:
+        if not reused:
             _fill(writer, lm, sites, cfg, documents, progress)
     except RanklensError:
         if created and not writer.shards:  # e.g. an empty corpus: leave nothing half-written behind
             writer.close()
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return ActivationStore(out)
+    store = ActivationStore(out)
+    if reused:
+        store.verify()  # a rerun on a finished store re-checks every shard's sha256 before anyone reads it
+    return store
 
 
 def _fill(writer: ActivationStoreWriter, lm, sites, cfg: CollectConfig, documents, progress: bool) -> None:

@@ -217,11 +217,16 @@ def _texts_of_records(path: Path, records: Iterable[tuple[str, dict[str, Any]]])
 
 def _read_txt(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise RanklensError(
             f"corpus file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from exc
+    nul = text.find("\x00")
+    if nul >= 0:  # valid UTF-8 but binary: no text holds NUL characters
+        raise RanklensError(f"corpus file {str(path)!r} holds a NUL byte at character {nul}; expected text, not a "
+                            "binary file")
+    return text
 
 
 def _txt_files(directory: Path) -> list[Path]:

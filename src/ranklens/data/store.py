@@ -50,11 +50,7 @@ from safetensors.torch import save_file
 from ranklens.data.corpus import HeldOutSource
 from ranklens.errors import RanklensError
 from ranklens.io import atomic_path, atomic_write_text
-
-try:  # POSIX advisory lock; on other platforms the writer runs without one.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from ranklens.lock import LOCK_NAME, DirectoryLock
 
 __all__ = [
     "FORMAT",
@@ -70,7 +66,6 @@ __all__ = [
 FORMAT = "ranklens-activation-store"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".lock"
 REQUIRED_META = ("model", "corpus", "seed", "context_length", "code_version")
 DEFAULT_SHARD_TOKENS = 65_536
 # Tensor names in a shard besides the sites; a site may not take one of them.
@@ -471,23 +466,12 @@ class ActivationStoreWriter(_ManifestView):
                 (d / name).unlink()
 
     def _acquire_lock(self) -> None:
-        if fcntl is None:  # pragma: no cover
-            return
-        f = open(self.directory / LOCK_NAME, "a+b")  # noqa: SIM115 - held for the writer's lifetime
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise RanklensError(
-                f"activation store {self.directory} is being written by another writer (lock {LOCK_NAME} is held)"
-            ) from None
-        self._lock_file = f
+        self._lock_file = DirectoryLock(self.directory, "activation store").acquire()
 
     def _release_lock(self) -> None:
-        f, self._lock_file = self._lock_file, None
-        if f is not None:
-            with contextlib.suppress(OSError):
-                f.close()  # closing the file releases the flock
+        lock, self._lock_file = self._lock_file, None
+        if lock is not None:
+            lock.release()
 
     # -- state ------------------------------------------------------------------------------------------------
 
@@ -585,7 +569,8 @@ class ActivationStoreWriter(_ManifestView):
             r = x.detach()[valid.to(x.device)].to(dtype).cpu()  # [n_positions, d]
             if not bool(torch.isfinite(r.sum(dtype=torch.float32))):  # one reduction: NaN/inf propagate
                 raise RanklensError(
-                    f"acts[{site!r}] has non-finite values (in {self._man.dtype}) at real positions"
+                    f"the activations of site {site} hold NaN or inf (in {self._man.dtype}) at real positions; "
+                    "the model's forward produced them (a float16 overflow? try --dtype float32)"
                 )
             rows[site] = r
         stat = stat_cpu[valid]

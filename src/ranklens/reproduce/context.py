@@ -17,7 +17,7 @@ from ranklens.lm.load import LoadedModel, load_model
 from ranklens.lm.sites import Site
 from ranklens.reproduce.plan import Cell, Plan
 from ranklens.train.sae_job import METRICS_NAME, train_sae
-from ranklens.train.trainer import CHECKPOINT_NAME
+from ranklens.train.trainer import remove_checkpoints
 
 _HELD_OUT_LAYERS = 2  # held-out sets kept in memory (one per layer; the sweep visits layers in order)
 
@@ -67,7 +67,7 @@ class Context:
             return train_sae(cfg, out, progress=False)
         self.store()
         metrics = train_sae(cfg, out, progress=self.progress, lm=self.lm, held_out=self.held_out(cell.site))
-        (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+        remove_checkpoints(out)
         return metrics
 
     def train_all(self, cells: list[Cell]) -> dict[str, dict[str, Any]]:

@@ -36,7 +36,7 @@ from ranklens.reproduce.experiments import (
 from ranklens.reproduce.pipeline import Step, run_steps
 from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
-from ranklens.rundir import prepare_run_dir
+from ranklens.rundir import open_run_dir
 
 EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa, lr_sweep, budget]
 # Experiments that read another's record: the W_O analysis and the dead-feature sweep read the spectrum job's.
@@ -77,9 +77,9 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True, comm
     """Run (or resume, or reuse) every step in `out`, then write results.json and report.html; returns the
     results."""
     command = command or cli_command("reproduce", cfg, out, base=ReproduceConfig.load(preset=cfg.preset))
-    out = prepare_run_dir(out, cfg, "reproduce")
-    plan = Plan(cfg, out, ModelShape.of(cfg.model))
-    records = run_steps(out, steps(plan), Context(plan, progress), progress)
-    info = {"n_layers": plan.shape.n_layers, "d_model": plan.shape.d_model, "middle_layer": plan.mid,
-            "sweep_layers": plan.sweep_layers, "main_site": plan.main_site, "resid_site": plan.resid_site}
-    return report.build(out, cfg, info, selected(cfg), records, command)
+    with open_run_dir(out, cfg, "reproduce") as run_dir:
+        plan = Plan(cfg, run_dir, ModelShape.of(cfg.model))
+        records = run_steps(run_dir, steps(plan), Context(plan, progress), progress)
+        info = {"n_layers": plan.shape.n_layers, "d_model": plan.shape.d_model, "middle_layer": plan.mid,
+                "sweep_layers": plan.sweep_layers, "main_site": plan.main_site, "resid_site": plan.resid_site}
+        return report.build(run_dir, cfg, info, selected(cfg), records, command)

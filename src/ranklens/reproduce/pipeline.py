@@ -9,7 +9,7 @@ result (a JSON-ready dict) from a context. ``run_steps`` runs the steps in order
   directory as a whole is already bound to one config by ``prepare_run_dir``);
 - a step interrupted by an exception or Ctrl-C records the seconds it ran in ``DIR/steps/<name>.partial.json``, and
   the rerun adds them to the wall time of the attempt that finishes it; the work inside a step is resumable on its
-  own terms (an SAE run resumes from its ``checkpoint.pt``, a store from its last shard, the spectrum job from its
+  own terms (an SAE run resumes from its checkpoint, a store from its last shard, the spectrum job from its
   accumulator checkpoint), so a killed run loses at most the work since those checkpoints.
 
 Each step record holds ``name``, ``title``, ``config``, ``commands``, ``wall_seconds`` (all attempts),

@@ -40,7 +40,8 @@ from ranklens.linalg.basis import principal_basis
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, max_positions
 from ranklens.lm.sites import Architecture, Site, parse_sites
-from ranklens.rundir import prepare_run_dir
+from ranklens.lock import DirectoryLock
+from ranklens.rundir import check_output_dir, prepare_run_dir
 from ranklens.spectrum.config import SpectrumConfig
 from ranklens.spectrum.distributed import gather_accumulators
 from ranklens.spectrum.loss_recovered import loss_recovered
@@ -224,19 +225,29 @@ def run_spectrum(cfg: SpectrumConfig, out: str | Path, progress: bool = True, co
     With `distributed` (a torchrun process group; see ``ranklens.distributed``) the accumulation is shared by the
     ranks and rank 0 does the rest alone (statistics, loss recovered, comparisons as one-process sub-runs, the
     report); the other ranks return an empty dict once their part is merged."""
-    _validate(cfg)
     main = world()[0] == 0 or not distributed
-    error = None
+    error, lock = None, None
     if main:
         try:
+            lock = DirectoryLock(check_output_dir(out)).acquire()  # rank 0 holds the run directory
             out = prepare_run_dir(out, cfg, "spectrum")
         except RanklensError as err:
             error = str(err)
+            if lock is not None:
+                lock.release()
     if distributed:
         broadcast_error(error)  # also the barrier that keeps other ranks from writing into an unchecked directory
     elif error is not None:
         raise RanklensError(error)
-    out = Path(out)
+    try:
+        return _run(cfg, Path(out), progress, command, report, distributed, main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: SpectrumConfig, out: Path, progress: bool, command: str | None, report: bool, distributed: bool,
+         main: bool) -> dict[str, Any]:
     result_path = out / RESULT_NAME
     if result_path.exists():
         if not main:
@@ -253,18 +264,6 @@ def run_spectrum(cfg: SpectrumConfig, out: str | Path, progress: bool = True, co
 
         build_spectrum_report(result, out)
     return result
-
-
-def _validate(cfg: SpectrumConfig) -> None:
-    checks = [(cfg.tokens >= 1, f"--tokens {cfg.tokens}: expected a positive count"),
-              (cfg.splits >= 1, f"--splits {cfg.splits}: expected at least 1"),
-              (cfg.loss_tokens >= 1, f"--loss-tokens {cfg.loss_tokens}: expected a positive count"),
-              (cfg.gram_dtype in ("float64", "float32"), f"--gram-dtype {cfg.gram_dtype!r}: expected float64 or "
-                                                         "float32"),
-              (cfg.outlier_sigma > 0, f"--outlier-sigma {cfg.outlier_sigma}: expected a positive number")]
-    for ok, message in checks:
-        if not ok:
-            raise RanklensError(message)
 
 
 def _measure(cfg: SpectrumConfig, out: Path, progress: bool, distributed: bool = False) -> dict[str, Any] | None:

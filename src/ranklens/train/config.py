@@ -83,8 +83,11 @@ class SAETrainConfig(TrainFields):
     @field_validator("d_init", mode="before")
     @classmethod
     def _int_or_auto(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
+        if isinstance(value, str) and value.strip() != "auto":
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError("expected an integer >= 1 or auto") from None
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise ValueError("expected an integer >= 1 or auto")
         return value

@@ -38,7 +38,7 @@ from ranklens.io import atomic_write_json, read_json
 from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.lm.attention import MHSAWeights, mhsa_weights
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
-from ranklens.rundir import prepare_run_dir
+from ranklens.rundir import check_output_dir, open_run_dir, prepare_run_dir
 from ranklens.train.config import LorsaTrainConfig
 from ranklens.train.dead import dead_window
 from ranklens.train.lorsa_objective import LorsaObjective
@@ -123,10 +123,10 @@ def train_lorsa(cfg: LorsaTrainConfig, out: str | Path, progress: bool = True, l
                 ) -> dict:
     """Train (or resume, or reuse) the Lorsa of `cfg` in `out`; returns the metrics.json content. `lm` reuses a
     model the caller already loaded (it must be `cfg.model` in `cfg.dtype`)."""
-    metrics_path = Path(out) / METRICS_NAME
-    if metrics_path.exists():
+    if (Path(out) / METRICS_NAME).exists():
         prepare_run_dir(out, cfg, "train-lorsa")  # refuses a directory of another run
-        return upgrade_metrics(read_json(metrics_path))
+        return upgrade_metrics(read_json(Path(out) / METRICS_NAME))
+    check_output_dir(out)
     lm = lm or load_model(cfg.model, cfg.dtype, cfg.device)
     check_context_length(lm.model, cfg.context_length)
     layer = resolve_layer(cfg, lm.arch.n_layers)
@@ -134,8 +134,12 @@ def train_lorsa(cfg: LorsaTrainConfig, out: str | Path, progress: bool = True, l
     lorsa_config(cfg, w)  # bad sizes fail before anything is written
     if cfg.tokens < cfg.batch_tokens:
         raise RanklensError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_tokens}")
-    out = prepare_run_dir(out, cfg, "train-lorsa")
+    with open_run_dir(out, cfg, "train-lorsa") as run_dir:
+        return _train(cfg, run_dir, lm, layer, w, progress)
 
+
+def _train(cfg: LorsaTrainConfig, out: Path, lm: LoadedModel, layer: int, w: MHSAWeights, progress: bool) -> dict:
+    """Open the data, build, train, evaluate and write, in the locked run directory."""
     source = lorsa_source(lm, layer, kind=cfg.source, store=cfg.store, run_dir=out, corpus=cfg.corpus,
                           seed=cfg.seed, context_length=cfg.context_length, tokens=cfg.tokens,
                           batch_tokens=cfg.batch_tokens, dtype=cfg.dtype, device=cfg.device, progress=progress)
@@ -149,7 +153,8 @@ def train_lorsa(cfg: LorsaTrainConfig, out: str | Path, progress: bool = True, l
     settings = TrainSettings(total_steps=source.total_steps, lr=cfg.lr, optimizer=cfg.optimizer,
                              bias_correction=cfg.bias_correction, warmup_steps=warmup, k=cfg.k,
                              dead_window_tokens=window, checkpoint_every=cfg.checkpoint_every,
-                             log_every=cfg.log_every, wandb_project=cfg.wandb_project)
+                             log_every=cfg.log_every, wandb_project=cfg.wandb_project,
+                             what=f"the Lorsa of layer {layer}")
     objective = LorsaObjective(lorsa, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
                                autocast_dtype=resolve_dtype(cfg.train_dtype), normalize_output=cfg.normalize_output)
     trainer = Trainer(objective, settings, out, progress=progress)
@@ -168,5 +173,5 @@ def train_lorsa(cfg: LorsaTrainConfig, out: str | Path, progress: bool = True, l
     save_lorsa(lorsa, out / LORSA_DIR, model=cfg.model, layer=layer, context_length=held_out.context_length,
                corpus=held_out.corpus, held_out=held_out.to_json(), ranklens_config=cfg.model_dump(mode="json"),
                **init_info)
-    atomic_write_json(metrics_path, result)
+    atomic_write_json(out / METRICS_NAME, result)
     return result

@@ -37,7 +37,7 @@ from torch import nn
 from ranklens.data.sequences import LorsaBatch
 from ranklens.dictionaries.lorsa import Lorsa
 from ranklens.train.auxk import auxk_loss
-from ranklens.train.trainer import StepContext, StepResult
+from ranklens.train.trainer import StepContext, StepResult, describe_values
 
 __all__ = ["LorsaObjective", "fvu"]
 
@@ -113,6 +113,12 @@ class LorsaObjective(nn.Module):
     def after_step(self) -> None:
         if self.normalize_output:
             self.lorsa.normalize_output_()
+
+    def nonfinite_reason(self, batch: LorsaBatch) -> str:
+        inputs = describe_values(batch.x[batch.attention_mask], "attention inputs")
+        if not inputs.endswith("lower the learning rate"):
+            return inputs
+        return describe_values(batch.target[batch.stat_mask], "attention outputs (the targets)")
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.lorsa.state_dict(*args, **kwargs)

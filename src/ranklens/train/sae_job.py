@@ -27,7 +27,8 @@ from ranklens.io import atomic_write_json, read_json
 from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.linalg.basis import active_subspace, principal_basis
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
-from ranklens.rundir import prepare_run_dir
+from ranklens.lm.sites import Site
+from ranklens.rundir import check_output_dir, open_run_dir, prepare_run_dir
 from ranklens.train.config import SAETrainConfig
 from ranklens.train.dead import dead_window
 from ranklens.train.sae_objective import SAEObjective
@@ -114,7 +115,7 @@ def curve_steps(tokens: list[int], batch_size: int, total_steps: int) -> list[in
     return sorted(steps | {total_steps}) if steps else []
 
 
-def train_settings(cfg: SAETrainConfig, total_steps: int, window: int) -> TrainSettings:
+def train_settings(cfg: SAETrainConfig, total_steps: int, window: int, site: str) -> TrainSettings:
     warmup, warning = capped_warmup(cfg.warmup_steps, total_steps)
     if warning:
         print(f"ranklens: warning: {warning}", file=sys.stderr)
@@ -122,7 +123,7 @@ def train_settings(cfg: SAETrainConfig, total_steps: int, window: int) -> TrainS
                          bias_correction=cfg.bias_correction, warmup_steps=warmup, k=_k(cfg), k_initial=cfg.k_initial,
                          k_anneal_fraction=cfg.k_anneal_fraction, dead_window_tokens=window,
                          checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-                         wandb_project=cfg.wandb_project)
+                         wandb_project=cfg.wandb_project, what=f"the SAE on {site}")
 
 
 def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: LoadedModel | None = None,
@@ -133,16 +134,21 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: L
     evaluation set prepared for many runs (it must hold the site over the text this run holds out, with the same
     token counts), so the metrics equal those of the run alone.
     """
-    metrics_path = Path(out) / METRICS_NAME
-    if metrics_path.exists():
+    if (Path(out) / METRICS_NAME).exists():
         prepare_run_dir(out, cfg, "train-sae")  # refuses a directory of another run
-        return upgrade_metrics(read_json(metrics_path))
+        return upgrade_metrics(read_json(Path(out) / METRICS_NAME))
+    check_output_dir(out)
     lm = lm or load_model(cfg.model, cfg.dtype, cfg.device)
     site = lm.arch.site(cfg.site)
-    d = lm.arch.site_dim(site)
-    check_sizes(cfg, d)  # bad combinations fail before anything is written
-    out = prepare_run_dir(out, cfg, "train-sae")
+    check_sizes(cfg, lm.arch.site_dim(site))  # bad combinations fail before anything is written
+    with open_run_dir(out, cfg, "train-sae") as run_dir:
+        return _train(cfg, run_dir, lm, site, progress, held_out)
 
+
+def _train(cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, progress: bool,
+           held_out: HeldOutSet | None) -> dict:
+    """Open the data, build, train, evaluate and write, in the locked run directory."""
+    d = lm.arch.site_dim(site)
     source = sae_source(lm, site, kind=cfg.source, store=cfg.store, run_dir=out, corpus=cfg.corpus, seed=cfg.seed,
                         context_length=cfg.context_length, tokens=cfg.tokens, batch_size=cfg.batch_size,
                         buffer_tokens=cfg.shuffle_buffer_tokens, chunk_tokens=cfg.stream_chunk_tokens,
@@ -154,7 +160,7 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: L
     window = cfg.dead_window_tokens or dead_window(cfg.tokens)
     objective = SAEObjective(sae, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
                              autocast_dtype=resolve_dtype(cfg.train_dtype))
-    trainer = Trainer(objective, train_settings(cfg, source.total_steps, window), out, progress=progress)
+    trainer = Trainer(objective, train_settings(cfg, source.total_steps, window, site.name), out, progress=progress)
 
     def curve_point() -> dict:
         r = held_out.reconstruction(sae, site.name)
@@ -176,7 +182,7 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: L
     save_saelens(sae, out / SAE_DIR, model=cfg.model, site=site.name, context_length=cfg.context_length,
                  corpus=cfg.corpus, extra={"ranklens_config": cfg.model_dump(mode="json"),
                                            "held_out": source.held_out.to_json(), **init_info})
-    atomic_write_json(metrics_path, result)
+    atomic_write_json(out / METRICS_NAME, result)
     return result
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.train.auxk import auxk_loss
-from ranklens.train.trainer import StepContext, StepResult
+from ranklens.train.trainer import StepContext, StepResult, describe_values
 
 
 class SAEObjective(nn.Module):
@@ -75,6 +75,9 @@ class SAEObjective(nn.Module):
     def after_step(self) -> None:
         if self.sae.config.normalize_decoder:
             self.sae.normalize_decoder_()
+
+    def nonfinite_reason(self, batch: torch.Tensor) -> str:
+        return describe_values(batch, "training activations")
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.sae.state_dict(*args, **kwargs)

@@ -12,9 +12,9 @@ repeats or skips a batch.
 
 from __future__ import annotations
 
-import io
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,12 +25,16 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from ranklens.errors import RanklensError
 from ranklens.io import atomic_write_bytes
+from ranklens.tensor_tree import TreeFileError, load_tree, save_tree
 from ranklens.train.dead import FiringTracker
 from ranklens.train.optim import make_optimizer
 from ranklens.train.schedules import k_schedule, lr_multiplier
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.safetensors"  # ranklens.tensor_tree: tensors and JSON, never a pickle
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.safetensors"  # the one before, in case the last is damaged
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"  # format 1, read with torch.load(weights_only=True) only
 METRICS_NAME = "metrics.jsonl"
 CURVE_NAME = "curve.jsonl"  # held-out evaluations during training (``Trainer.train(evaluate=..., eval_steps=...)``)
 
@@ -63,6 +67,8 @@ class Objective(Protocol):
 
     def after_step(self) -> None: ...
 
+    def nonfinite_reason(self, batch: Any) -> str: ...  # why a loss was not finite, from the batch's values
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
@@ -89,6 +95,7 @@ class TrainSettings:
     checkpoint_every: int = 500  # steps
     log_every: int = 50
     wandb_project: str | None = None
+    what: str = "the dictionary"  # named in errors, e.g. "the SAE on L15.attn_out"
 
 
 class Trainer:
@@ -113,29 +120,63 @@ class Trainer:
                 "tracker": self.tracker.state_dict()}
 
     def save_checkpoint(self) -> None:
-        buffer = io.BytesIO()
-        torch.save(self._state(), buffer)
-        atomic_write_bytes(self.run_dir / CHECKPOINT_NAME, buffer.getvalue())
+        """Write the state atomically, keeping the previous checkpoint beside it."""
+        current = self.run_dir / CHECKPOINT_NAME
+        if current.exists():
+            os.replace(current, self.run_dir / PREVIOUS_CHECKPOINT_NAME)
+        save_tree(current, self._state())
+
+    def checkpoint_files(self) -> list[Path]:
+        return [self.run_dir / name for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME)]
 
     def load_checkpoint(self) -> bool:
-        path = self.run_dir / CHECKPOINT_NAME
-        if not path.exists():
-            return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.objective.load_state_dict(state["objective"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.tracker.load_state_dict(state["tracker"])
-        self.step = state["step"]
+        """Resume from the newest readable checkpoint (a damaged one is skipped with a message); then drop the log
+        lines written after it, so a resumed run logs each step once. False when training starts from step 0."""
+        loaded = False
+        for path in (p for p in self.checkpoint_files() if p.exists()):
+            try:
+                state = _read_checkpoint(path)
+            except CheckpointError as err:
+                _note(f"{path} is not a readable checkpoint ({err}); ignoring it")
+                continue
+            self._load_state(state, path)
+            loaded = True
+            break
+        else:
+            if any(p.exists() for p in self.checkpoint_files()):
+                _note(f"no readable checkpoint in {self.run_dir}; training starts over from step 0")
         for name in (METRICS_NAME, CURVE_NAME):
             self._truncate_log(name)
-        return True
+        return loaded
+
+    def _load_state(self, state: dict[str, Any], path: Path) -> None:
+        try:
+            self.objective.load_state_dict(state["objective"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.tracker.load_state_dict(state["tracker"])
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. a size mismatch: another run's checkpoint
+            raise RanklensError(f"{path} does not fit this run ({str(err).splitlines()[0]}); expected the "
+                                "checkpoint of the same command, or remove it to start over") from None
+        self.step = int(state["step"])
 
     def _truncate_log(self, name: str) -> None:
-        """Drop lines logged after the checkpoint, so a resumed run logs each step once."""
+        """Keep the lines logged up to the current step. A torn last line (a kill in the middle of an append) is
+        dropped with a message; a damaged line before the last is an error."""
         path = self.run_dir / name
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+        if not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append((json.loads(line)["step"], line))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                if i < len(lines) - 1:
+                    raise RanklensError(f"{path} line {i + 1} is not a JSON row; expected one row per line "
+                                        "(only a last line can be torn by a kill)") from None
+                _note(f"dropped the torn last line of {path}")
+        keep = [line for step, line in rows if step <= self.step]
+        atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         with open(self.run_dir / name, "a") as f:
@@ -195,7 +236,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         result = self.objective.step_loss(batch, ctx)
         if not torch.isfinite(result.loss):
-            raise FloatingPointError(f"loss became {float(result.loss)} at step {self.step}; lower the learning rate")
+            raise RanklensError(f"the loss became {float(result.loss.detach())} at step {self.step} of {self.settings.what}: "
+                                f"{self.objective.nonfinite_reason(batch)}")
         result.loss.backward()
         self.optimizer.step(active_rows=result.active)
         self.objective.after_step()
@@ -228,3 +270,46 @@ class Trainer:
             return
         self._wandb = wandb.init(project=self.settings.wandb_project, dir=str(self.run_dir), resume="allow",
                                  id=self.run_dir.name)
+
+
+def remove_checkpoints(run_dir: str | Path) -> None:
+    """Delete a finished run's checkpoints (they only serve resuming)."""
+    for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be read safely."""
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's state: a tensor tree, or a format-1 ``torch.save`` file read with ``weights_only=True`` (which
+    loads tensors and plain containers only and refuses anything that would run code)."""
+    if path.suffix == ".pt":
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors alike mean "unreadable"
+            raise CheckpointError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    try:
+        return load_tree(path)
+    except TreeFileError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _note(message: str) -> None:
+    print(f"ranklens: {message}", file=sys.stderr)
+
+
+def describe_values(x: torch.Tensor, where: str) -> str:
+    """Why a loss on ``x`` was not finite: non-finite values in the data, values too large to square in float32, or
+    (with finite, moderate data) the optimization itself."""
+    x = x.detach()
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        return (f"the {where} hold {int((~finite).sum())} NaN or inf values; the activations themselves are not "
+                "finite (check the model's dtype and the store)")
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if peak > 1e15:
+        return (f"the {where} reach |x| = {peak:.3g}, whose squares overflow float32; scale the activations down "
+                "or check the model")
+    return f"the {where} are finite (max |x| = {peak:.3g}), so the optimization diverged; lower the learning rate"

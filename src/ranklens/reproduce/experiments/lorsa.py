@@ -33,7 +33,7 @@ from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, welch_less
 from ranklens.train.config import LorsaTrainConfig
 from ranklens.train.lorsa_job import METRICS_NAME, train_lorsa
-from ranklens.train.trainer import CHECKPOINT_NAME
+from ranklens.train.trainer import remove_checkpoints
 
 NAME = "lorsa"
 TITLE = "8. Lorsa: default init against ASI (Figure 9, App. O)"
@@ -108,7 +108,7 @@ def step(plan: Plan) -> Step:
                       flush=True)
             metrics = train_lorsa(lorsa_config(plan, x), out_dir / x.name, progress=ctx.progress,
                                   lm=None if cached else ctx.lm)
-            (out_dir / x.name / CHECKPOINT_NAME).unlink(missing_ok=True)  # only serves resuming
+            remove_checkpoints(out_dir / x.name)
             runs[x.name] = {"cell": asdict(x), "dir": f"lorsa/{x.name}", "metrics": metrics}
         first = out_dir / cells["asi"][0].name
         lorsa, _, _ = open_lorsa(first)
