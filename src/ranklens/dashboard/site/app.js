@@ -728,6 +728,7 @@
   function showOverview() {
     const wasFeature = state.view === "feature";
     state.view = "overview";
+    document.body.dataset.view = "overview";
     document.title = `${state.meta.title} \u00b7 ranklens dashboard`;
     $("feature-view").hidden = true;
     $("feature-view").replaceChildren();
@@ -751,6 +752,7 @@
       state.returnFocus = a && state.table.root.contains(a) ? "table" : null;
     }
     state.view = "feature";
+    document.body.dataset.view = "feature";
     $("overview-view").hidden = true;
     const view = $("feature-view");
     view.hidden = false;
@@ -964,21 +966,28 @@
       view.append(card("Lorsa head", rec.lorsa ? attributionBlock(rec.lorsa)
         : h("p", { class: "muted", text: "No Lorsa attribution recorded." })));
     }
-    const grid = h("div", { class: "overview-grid" });
-    grid.append(card("Activation histogram",
+    const left = h("div", { class: "stack" });
+    const right = h("div", { class: "stack" });
+    left.append(card("Activation histogram",
       h("div", { class: "chart", id: "act-histogram" }, histogram(rec.act_histogram, {
         xLabel: "activation (non-zero)", yLabel: "tokens", fill: "#d66a00",
         label: "Histogram of the non-zero activations" })),
       h("p", { class: "caption", text: "Non-zero activations over the held-out tokens." })));
     const logits = rec.logits;
-    grid.append(card("Logit effects", logits ? h("div", { id: "logits" },
+    right.append(card("Logit effects", logits ? h("div", { id: "logits" },
       h("div", { class: "tv-pair" }, tokenValueTable("promoted", logits.promoted, "promoted"),
         tokenValueTable("suppressed", logits.suppressed, "suppressed")),
       logits.histogram ? h("div", { class: "chart" }, histogram(logits.histogram, { xLabel: "logit effect",
         yLabel: "tokens", height: 160, label: "Histogram of the logit effects over the vocabulary" })) : null,
       h("p", { class: "caption logit-note", text: meta.logit_note }))
       : h("p", { class: "muted", text: "No logit effects recorded." })));
-    view.append(grid);
+    left.append(card(`Nearest ${isLorsa ? "heads" : "features"} by decoder cosine`,
+      rec.neighbours.length ? h("table", { class: "data", id: "neighbours" },
+        h("thead", null, h("tr", null, h("th", { class: "num", text: "id" }), h("th", { class: "num", text: "cosine" }),
+          h("th", { text: "top tokens" }))),
+        h("tbody", null, rec.neighbours.map(neighbourRow)))
+        : h("p", { class: "muted", text: "None recorded." })));
+    view.append(h("div", { class: "overview-grid feature-grid" }, left, right));
     const hasZ = rec.top.some((c) => Array.isArray(c.z));
     view.append(h("section", { class: "card", id: "top-contexts" },
       h("h3", { text: `Top activating contexts (${rec.top.length})` }),
@@ -1000,12 +1009,6 @@
           q.examples.length ? h("div", { class: "contexts" }, q.examples.map((c) => contextRow(c, scale)))
             : h("p", { class: "muted", text: "no examples" })))));
     }
-    view.append(card(`Nearest ${isLorsa ? "heads" : "features"} by decoder cosine`,
-      rec.neighbours.length ? h("table", { class: "data", id: "neighbours" },
-        h("thead", null, h("tr", null, h("th", { class: "num", text: "id" }), h("th", { class: "num", text: "cosine" }),
-          h("th", { text: "top tokens" }))),
-        h("tbody", null, rec.neighbours.map(neighbourRow)))
-        : h("p", { class: "muted", text: "None recorded." })));
   }
 
   // ------------------------------------------------------------------ prompt box
@@ -1113,6 +1116,7 @@
     });
     const showFeature = (fid) => {
       clearStrip();
+      out.querySelectorAll(".zbtn[aria-pressed='true']").forEach((b) => b.setAttribute("aria-pressed", "false"));
       const acts = res.features.map((list) => {
         const hit = (list || []).find((p) => p[0] === fid);
         return hit ? hit[1] : 0;
@@ -1160,9 +1164,13 @@
         h("a", { href: `#feature=${hd.id}`, class: "fchip", "data-feature": hd.id, "data-act": String(hd.act),
           title: `head ${hd.id}: activation ${hd.act}` }, `#${hd.id}`,
         h("span", { class: "fval", text: fmt(hd.act, 3) })),
-        h("button", { type: "button", class: "zbtn", "data-head": hd.id, "data-token": i,
+        h("button", { type: "button", class: "zbtn", "data-head": hd.id, "data-token": i, "aria-pressed": "false",
           title: `Draw the z-pattern of head ${hd.id} at this token`, text: "z",
-          onclick: () => showHead(hd.id, i, Array.isArray(hd.z) ? hd.z : []) }))) : null;
+          onclick: (e) => {
+            out.querySelectorAll(".zbtn[aria-pressed='true']").forEach((b) => b.setAttribute("aria-pressed", "false"));
+            e.currentTarget.setAttribute("aria-pressed", "true");
+            showHead(hd.id, i, Array.isArray(hd.z) ? hd.z : []);
+          } }))) : null;
       body.append(h("tr", { "data-i": i },
         h("td", { class: "num", text: String(i) }), h("td", null, tokenChip(tok)),
         h("td", null, feats.length ? h("span", { class: "chips" }, feats) : h("span", { class: "muted", text: "none" })),
