@@ -3,7 +3,8 @@
 Used by the dashboard tests and by scripts/dashboard_screenshots.py. Every value derives from (seed, feature id), so
 a record can be regenerated on its own (``record(fid)``) and ``features()`` streams them without holding them all.
 Feature 0 is always alive and its first top context holds the awkward tokens (markup, newline, tab, spaces, a
-zero-width space, non-ASCII): the page must show all of them as text. A few values are NaN or infinite on purpose
+zero-width space, non-ASCII): the page must show all of them as text; its second starts with a null token (a
+position outside the document). A few values are NaN or infinite on purpose
 (the writer turns them into null).
 """
 
@@ -141,6 +142,8 @@ class SyntheticDashboard:
                 for j, tok in enumerate(AWKWARD[: self.ctx_len]):
                     if j != ctx["peak"]:
                         ctx["tokens"][j] = tok
+                if len(top) > 1:  # a position before the document's start
+                    top[1]["tokens"][0], top[1]["acts"][0] = None, 0.0
             bounds = np.linspace(0, s["max_act"], self.quantiles + 1)
             for q in range(self.quantiles):
                 lo, hi = float(bounds[q]), float(bounds[q + 1])

@@ -426,6 +426,8 @@ def context_values(page, selector: str) -> list[dict]:
 def shown(token: str) -> str:
     """How the page writes a token inside a context: whitespace and invisible characters as symbols."""
     symbols = {"\n": "\u21b5", "\t": "\u21e5", "\r": "\\r"}
+    if token is None:
+        return "\u2205"
     if token and set(token) == {" "}:
         return "\u2423" * len(token)
     out = ""
@@ -455,6 +457,7 @@ def test_feature_page_shows_the_exact_values(watched, sites, sae):
         assert (g["doc"], g["pos"]) == (want["doc"], want["pos"])
         assert g["z"] == []
     first = got[0]
+    assert got[1]["tokens"][0] == "\u2205" and "outside the document" in got[1]["titles"][0]
     assert AWKWARD[0] in first["tokens"]  # markup shown as text ...
     assert page.evaluate("window.__xss") is None  # ... never run
     assert str(rounded(rec["top"][0]["acts"])[rec["top"][0]["peak"]]) in first["titles"][rec["top"][0]["peak"]]
