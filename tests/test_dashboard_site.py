@@ -289,6 +289,24 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
     assert _temp_dirs(tmp_path, "mine") == []
 
 
+def test_compare_refuses_script_links(tmp_path):
+    data = synthetic_compare(10, 10, site_href_a="javascript:alert(1)")
+    with pytest.raises(ValueError, match="site_href must be a relative path"):
+        write_compare(tmp_path / "cmp", data)
+
+
+def test_missing_chromium_skips_or_fails(monkeypatch, tmp_path):
+    import dashboard_browser
+
+    monkeypatch.setattr(dashboard_browser, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("RANKLENS_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no-chromium is missing"):
+        dashboard_browser.launch()
+    monkeypatch.setenv("RANKLENS_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="RANKLENS_REQUIRE_BROWSER=1 but"):
+        dashboard_browser.launch()
+
+
 # --------------------------------------------------------------------------- the index page
 
 

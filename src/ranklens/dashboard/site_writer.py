@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -633,6 +634,9 @@ def write_compare(out_dir: str | Path, data: Mapping) -> Path:
         href = run.get("site_href")
         if href is not None and not isinstance(href, str):
             raise _fail(where, f"site_href must be a string, got {href!r}")
+        if href is not None and re.match(r"[a-z][a-z0-9+.-]*:", href, flags=re.I) and \
+                not re.match(r"(https?|file):", href, flags=re.I):
+            raise _fail(where, f"site_href must be a relative path or an http(s)/file URL, got {href!r}")
         out[side] = {"title": str(run["title"]), "n_features": _int(run["n_features"], where + ".n_features"),
                      "n_dead": _int(run["n_dead"], where + ".n_dead"),
                      "density_histogram": _histogram(run["density_histogram"], where + ".density_histogram",

@@ -1265,6 +1265,7 @@
 
   function siteLink(href, id) {
     if (typeof href !== "string" || href === "") return null;
+    if (/^[a-z][a-z0-9+.-]*:/i.test(href) && !/^(https?|file):/i.test(href)) return null; // no javascript: etc.
     let base = href;
     if (!/\.html?$/i.test(base)) base = base.replace(/\/?$/, "/") + "index.html";
     return `${base}#feature=${id}`;
