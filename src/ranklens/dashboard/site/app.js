@@ -1337,12 +1337,20 @@
       columns: [
         { key: "a", label: "A id", width: "110px", numeric: true, sortable: true },
         { key: "b", label: "best B id", width: "110px", numeric: true, sortable: true },
-        { key: "cos", label: "cosine", width: "minmax(110px, 1fr)", numeric: true, sortable: true },
+        { key: "cos", label: "cosine", width: "110px", numeric: true, sortable: true },
+        { key: "bar", label: "", width: "minmax(160px, 1fr)" },
       ],
       label: "Feature pairs",
       rowId: (row) => String(colA[row]),
-      cell: (row, col) => (col.key === "cos" ? h("span", { "data-cos": String(colCos[row]), text: fmt(colCos[row]) })
-        : linkCell(col.key, cols[col.key][row])),
+      cell: (row, col) => {
+        const c = colCos[row];
+        if (col.key === "cos") return h("span", { "data-cos": String(c), text: fmt(c) });
+        if (col.key === "bar") {
+          return h("span", { class: "bar-track cos-bar", "aria-hidden": "true" }, h("span", { class: "bar-fill",
+            style: `width: ${isNum(c) ? (Math.max(0, Math.min(1, Math.abs(c))) * 100).toFixed(1) : 0}%` }));
+        }
+        return linkCell(col.key, cols[col.key][row]);
+      },
       onSort: (key) => {
         if (sortState.key === key) sortState.dir = -sortState.dir;
         else {
