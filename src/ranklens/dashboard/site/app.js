@@ -126,9 +126,8 @@
     return JSON.stringify(tok);
   }
 
-  function tokenChip(tok, extraClass) {
-    return h("span", { class: "chip" + (extraClass ? " " + extraClass : ""), title: tokenLabel(tok) },
-      tokenNodes(tok, true));
+  function tokenChip(tok) {
+    return h("span", { class: "chip", title: tokenLabel(tok) }, tokenNodes(tok, true));
   }
 
   function actShade(t) {
@@ -852,9 +851,9 @@
       toks);
   }
 
+  /** The activation that shades fully: the feature's max activation, or a larger one shown in its contexts. */
   function contextScale(rec) {
-    if (isNum(rec.max_act) && rec.max_act > 0) return rec.max_act;
-    let m = 0;
+    let m = isNum(rec.max_act) ? Math.abs(rec.max_act) : 0;
     for (const c of rec.top) for (const a of c.acts) if (isNum(a)) m = Math.max(m, Math.abs(a));
     return m;
   }
@@ -943,13 +942,13 @@
     const title = $("feature-title");
     title.append(" ", idx.alive[row] ? h("span", { class: "badge alive", text: "alive" })
       : h("span", { class: "badge dead", text: "dead" }));
+    const value = (key) => (rec && isNum(rec[key]) ? rec[key] : idx[key][row]); // the record, else the table
     const stats = h("dl", { class: "stats", id: "feature-stats" },
-      statBlock("Density", fmtDensity(rec ? rec.density : idx.density[row]), "fraction of held-out tokens"),
-      statBlock("Mean act", fmt(rec ? rec.mean_act : idx.mean_act[row]), "mean over the tokens where active"),
-      statBlock("Max act", fmt(rec ? rec.max_act : idx.max_act[row])),
+      statBlock("Density", fmtDensity(value("density")), "fraction of held-out tokens"),
+      statBlock("Mean act", fmt(value("mean_act")), "mean over the tokens where active"),
+      statBlock("Max act", fmt(value("max_act"))),
       statBlock("Status", idx.alive[row] ? "alive" : "dead", meta.dead_definition),
-      statBlock(`Subspace share (dim ${fmt(meta.subspace_dim)})`,
-        fmt(rec ? rec.subspace_share : idx.subspace_share[row], 3),
+      statBlock(`Subspace share (dim ${fmt(meta.subspace_dim)})`, fmt(value("subspace_share"), 3),
         `share of the decoder direction in the top-${meta.subspace_dim} subspace`));
     const topTokens = h("p", { class: "chips-line" }, h("span", { class: "muted", text: "Top tokens: " }),
       h("span", { class: "chips" }, idx.tops[row].map((t) => tokenChip(t))));
@@ -1391,6 +1390,4 @@
     else if (page === "compare") startCompare();
   });
 
-  // For tests and the curious: the formatting helpers.
-  RL.format = { fmt, fmtDensity };
 })();
