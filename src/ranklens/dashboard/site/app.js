@@ -892,7 +892,9 @@
         rows.map((r) => {
           r.setAttribute("role", "listitem");
           return r;
-        })) : h("p", { class: "muted", text: "No attribution recorded." }));
+        })) : h("p", { class: "muted", text: "No attribution recorded." }),
+      rows.length ? h("p", { class: "caption", text: "Attribution to the original attention heads: the share of " +
+        "this head's output that each original head accounts for (largest first)." }) : null);
   }
 
   function navButtons(id) {
