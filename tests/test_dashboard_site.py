@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,8 @@ def test_round_floats_and_json_numbers():
     assert to_json({"a": 7, "b": True, "c": np.float32(0.5), "d": np.int64(3), "e": [1, 2.25, None], "f": np.arange(3)}) \
         == {"a": 7, "b": True, "c": 0.5, "d": 3, "e": [1, 2.25, None], "f": [0, 1, 2]}
     assert isinstance(to_json(7), int) and to_json(True) is True
+    assert to_json({"p": Path("runs/x"), "t": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)}) == {
+        "p": "runs/x", "t": "2026-01-02T03:04:05+00:00"}
 
 
 def test_layout_and_payloads(sites, sae):

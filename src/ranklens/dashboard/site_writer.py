@@ -106,7 +106,8 @@ def round_floats(values: Any) -> list:
 
 def to_json(obj: Any) -> Any:
     """``obj`` as plain JSON data: mappings (keys as strings), lists, strings, bools, ``None``, ints, and floats
-    through ``round_floats``. numpy scalars and arrays and torch tensors are accepted (anything with ``tolist``)."""
+    through ``round_floats``. numpy scalars and arrays and torch tensors are accepted (anything with ``tolist``),
+    paths become strings and datetimes ISO times."""
     if obj is None or isinstance(obj, bool | str):
         return obj
     if isinstance(obj, np.bool_):
@@ -117,6 +118,10 @@ def to_json(obj: Any) -> Any:
         return _round_scalar(float(obj))
     if isinstance(obj, Mapping):
         return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, datetime):
+        return obj.isoformat(timespec="seconds")
     if hasattr(obj, "tolist"):
         return to_json(obj.tolist())
     if isinstance(obj, list | tuple):
