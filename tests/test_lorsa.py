@@ -269,6 +269,18 @@ def test_z_pattern_sums_to_z():
     torch.testing.assert_close(single, lorsa.z_pattern(x[:1], 5)[0])
 
 
+@pytest.mark.parametrize("variant", ["partial_rope_qknorm_window", "bidirectional"])
+def test_z_rows_equal_rows_of_the_z_pattern(variant):
+    lorsa = _variant(variant) if variant != "bidirectional" else _random_lorsa(causal=False)
+    x = _x()[0]
+    heads = torch.tensor([0, 13, 13, 47, 5, 0])
+    queries = torch.tensor([9, 3, 9, 0, 6, 2])
+    rows = lorsa.z_rows(x, heads, queries)
+    for m in range(heads.numel()):
+        expected = lorsa.z_pattern(x, int(heads[m]))[int(queries[m])]
+        torch.testing.assert_close(rows[m], expected, rtol=1e-12, atol=1e-12)
+
+
 def test_normalize_output_keeps_predictions():
     lorsa = _random_lorsa(positions=_rope())
     x, mask = _x(), _mask()

@@ -19,6 +19,7 @@ from typing import Any
 
 from ranklens.analysis.config import LorsaTopConfig, ZPatternConfig
 from ranklens.config import Config, flag
+from ranklens.dashboard.config import DashboardConfig, ServeConfig
 from ranklens.data.config import CollectConfig
 from ranklens.errors import RanklensError
 from ranklens.eval.config import LorsaEvalConfig, SAEEvalConfig
@@ -158,6 +159,29 @@ def _cmd_lorsa_top(args: argparse.Namespace) -> None:
     print(f"top activations and attribution: {run_lorsa_top(args.directory, _config(args, LorsaTopConfig))}")
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> None:
+    from ranklens.dashboard.build import build_dashboard, compare_dashboards
+
+    cfg = _config(args, DashboardConfig)
+    if args.compare:
+        if args.directory or not args.out:
+            raise RanklensError("--compare RUN_A RUN_B takes the two runs and --out DIR, and no other directory")
+        site = compare_dashboards(*args.compare, args.out, cfg, progress=not args.quiet)
+        print(f"comparison: {site / 'compare.html'}")
+        return
+    if not args.directory:
+        raise RanklensError("give a dictionary directory (a train sae or train lorsa run, an SAE or a Lorsa "
+                            "directory), or --compare RUN_A RUN_B")
+    site = build_dashboard(args.directory, cfg, args.out, progress=not args.quiet)
+    print(f"dashboard: {site / 'index.html'}  (ranklens serve {site} adds the prompt box)")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from ranklens.dashboard.prompt import serve_dashboard
+
+    serve_dashboard(args.directory, _config(args, ServeConfig))
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from ranklens.reproduce.job import reproduce
 
@@ -224,6 +248,20 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                                "original heads (Lorsa paper Section 4.1, App. F), as JSON", LorsaTopConfig,
              _cmd_lorsa_top, out=False)
     p.add_argument("directory", help=lorsa_dir)
+    p = _job(sub, "dashboard", "a browsable site of what an SAE or Lorsa learned (top contexts, interval samples, "
+                               "logit effects, neighbours, subspace share; Lorsa z-patterns and head attribution), "
+                               "or the comparison of two runs", DashboardConfig, _cmd_dashboard, out=False)
+    p.add_argument("directory", nargs="?", help="a `train sae` / `train lorsa` run directory, an SAELens or "
+                                                "LlamaScope SAE directory (with --model and --site), or a Lorsa "
+                                                "directory")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="compare two runs of the same site instead (their dashboards are built when missing)")
+    p.add_argument("--out", metavar="DIR", help="where the site goes (default: DIRECTORY/dashboard; required with "
+                                                "--compare)")
+    p = _job(sub, "serve", "serve a dashboard on 127.0.0.1 with a prompt box: type a text, see which features (or "
+                           "Lorsa heads, with their z-patterns) fire on each token", ServeConfig, _cmd_serve,
+             out=False)
+    p.add_argument("directory", help="a dashboard directory written by `ranklens dashboard`")
     preset = _preset_in(argv)
     _job(sub, "reproduce", "the experiments of the dimensional-collapse paper as one resumable pipeline (preset "
                            "quick, standard, long or paper), with results.json and a report with computed verdicts",

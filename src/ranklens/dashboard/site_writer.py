@@ -542,7 +542,8 @@ class _Build:
 
 
 def write_site(out_dir: str | Path, meta: Mapping, index_rows: Iterable[Mapping], features: Iterable[Mapping], *,
-               chunk_size: int = 256, index_chunk_rows: int = 8192) -> Path:
+               chunk_size: int = 256, index_chunk_rows: int = 8192, extra_files: Mapping[str, bytes] | None = None,
+               ) -> Path:
     """Write the dashboard of one dictionary to ``out_dir`` (replacing an older dashboard there) and return its path.
 
     ``meta`` and the ``index_rows`` (one per feature) follow the contract of ``docs/dashboard.md``; ``features`` is
@@ -551,7 +552,8 @@ def write_site(out_dir: str | Path, meta: Mapping, index_rows: Iterable[Mapping]
     records in id order keep at most one file's worth in memory. A feature of the index without a record is shown as
     such in the page (``meta.js`` counts them). Raises ``ValueError`` on data that breaks the contract (an unknown
     key, a missing one, tokens and acts of different lengths, a record for an id not in the index, ...), and leaves
-    any older site in place.
+    any older site in place. ``extra_files`` (relative name -> bytes) are written into the site too, e.g. the
+    numbers a comparison of two sites reads back.
     """
     if chunk_size < 1 or index_chunk_rows < 1:
         raise ValueError("chunk_size and index_chunk_rows must be positive")
@@ -617,6 +619,8 @@ def write_site(out_dir: str | Path, meta: Mapping, index_rows: Iterable[Mapping]
                               "features": dict(sorted(feature_files.items(), key=lambda kv: int(kv[0])))},
                     "n_records": n_records, "n_missing_records": len(ids) - n_records}
         build.write("data/meta.js", _js("meta", None, manifest))
+        for rel, data in (extra_files or {}).items():
+            build.write(rel, data)
         return build.commit("site")
     except BaseException:
         build.abort()

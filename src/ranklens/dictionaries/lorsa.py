@@ -479,6 +479,31 @@ class Lorsa(nn.Module):
         return pattern[0] if single else pattern
 
     @torch.no_grad()
+    def z_rows(self, x: torch.Tensor, heads: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """For one sequence x [T, d] (unpadded): row ``queries[m]`` of the z pattern of head ``heads[m]``, i.e. the
+        contributions A_ij v_j of every source j to that head's z at that query, [m, T]. The rows ``z_pattern``
+        gives, computed per QK group for the queries asked only (a dashboard needs a few rows of many heads)."""
+        x = self._prep(x[None])
+        T = x.shape[1]
+        rope = self._rope(1, T, None, x)
+        allowed, rows_ok = self._mask(T, None, x.device)
+        out = torch.zeros(heads.numel(), T, dtype=x.dtype, device=x.device)
+        groups = heads // self.cfg.heads_per_group
+        for g in groups.unique().tolist():
+            sel = (groups == g).nonzero().squeeze(1)
+            rows = queries[sel]
+            q, k = self._qk(x, slice(g, g + 1), rope)  # [1, 1, T, d_qk]
+            mask = None if allowed is None else allowed[:, :, rows]
+            a = self._probs(q[:, :, rows], k, mask, self.cfg.attn_scale)[0, 0]  # [m_g, T]
+            if rows_ok is not None:
+                a = a * rows_ok[0, 0, rows]
+            v = x[0] @ self.W_V[heads[sel]].T  # [T, m_g]
+            if self.b_V is not None:
+                v = v + self.b_V[heads[sel]]
+            out[sel] = a * v.T
+        return out
+
+    @torch.no_grad()
     def normalize_output_(self) -> Lorsa:
         """Footnote 3 of the Lorsa paper: give every w_o unit norm without changing predictions.
 
