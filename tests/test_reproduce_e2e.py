@@ -16,7 +16,7 @@ from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
 
 STEPS = ["low_rank", "wo", "activations", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa",
-         "budget"]
+         "budget", "dashboards"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def micro(tiny_dir, tmp_path_factory):
                   batch_size=256, warmup_steps=2, expansion=2, k=4, d_init=8, init_tokens=2048, eval_tokens=500,
                   lm_eval_tokens=300, sweep_layers=1, d_init_values=[4], k_values=[4],
                   scaling_expansions=[2, 4], scaling_tokens=1024, lorsa_tokens=1024, lorsa_batch_tokens=256,
-                  lorsa_k=4, curve_tokens=[512, 1024], budget_d_init_values=[4], budget_verdict_tokens=[1024])
+                  lorsa_k=4, curve_tokens=[512, 1024], budget_d_init_values=[4], budget_verdict_tokens=[1024],
+                  dashboard_tokens=400)
     path = tmp_path_factory.mktemp("micro") / "micro.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -52,7 +53,7 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
     for module in job.selected(ReproduceConfig.load(micro)):
         step = results["steps"][module.NAME]
         assert step["wall_seconds"] > 0 and step["config"]
-        assert step["verdicts"], module.NAME
+        assert step["verdicts"] or module.NAME == "dashboards", module.NAME
         for v in step["verdicts"]:
             n_verdicts += 1
             assert v["verdict"] in ("holds", "does not hold", "inconclusive")
@@ -68,6 +69,9 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
     runs = asi["result"]["runs"]
     assert all((out / r["dir"] / "metrics.json").exists() and not (out / r["dir"] / "checkpoint.safetensors").exists()
                for r in runs.values())
+    sites = results["steps"]["dashboards"]["result"]["sites"]
+    assert set(sites) == {"TopK SAE", "ASI SAE", "ASI Lorsa"}
+    assert all((out / href).exists() and f'href="{html.escape(href)}"' in report for href in sites.values())
     z = results["steps"]["lorsa"]["result"]["zpattern"]
     assert z["heads"] and len(z["heads"][0]["row"]) == len(z["heads"][0]["tokens"])
 

@@ -163,6 +163,11 @@ class Report:
         lis = "".join(f"<li>{_esc(item)}</li>" for item in items)
         self._blocks.append(f"<ul>{lis}</ul>")
 
+    def links(self, items: Iterable[tuple[str, str]]) -> None:
+        """Add a bulleted list of links: (text, relative href) pairs, both escaped."""
+        lis = "".join(f'<li><a href="{_esc(href)}">{_esc(text)}</a></li>' for text, href in items)
+        self._blocks.append(f"<ul>{lis}</ul>")
+
     def html(self, raw: str) -> None:
         """Add a trusted HTML snippet as is. Never pass text that came from data or users through here."""
         self._blocks.append(str(raw))

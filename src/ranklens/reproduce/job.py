@@ -25,6 +25,7 @@ from ranklens.reproduce.experiments import (
     asi,
     budget,
     controls,
+    dashboards,
     dead_subspace,
     dead_vs_rank,
     lorsa,
@@ -38,7 +39,7 @@ from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
 from ranklens.rundir import open_run_dir
 
-EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa, lr_sweep, budget]
+EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa, lr_sweep, budget, dashboards]
 # Experiments that read another's record: the W_O analysis and the dead-feature sweep read the spectrum job's.
 NEEDS = {"wo": "low_rank", "dead_vs_rank": "low_rank"}
 

@@ -108,7 +108,7 @@ class Plan:
             wanted |= set(self.sweep_sites)
         if "controls" in run:
             wanted.add(self.resid_site)
-        if "lorsa" in run:
+        if run & {"lorsa", "dashboards"}:
             wanted.add(f"L{self.mid}.attn_in")
         return sorted(wanted, key=lambda s: (int(s[1:].split(".")[0]), s))
 

@@ -35,7 +35,8 @@ from ranklens.config import CorpusFields, ModelFields
 from ranklens.errors import RanklensError
 
 Preset = Literal["quick", "standard", "long", "paper"]
-EXPERIMENT_NAMES = ("low_rank", "wo", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa", "budget")
+EXPERIMENT_NAMES = ("low_rank", "wo", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa", "budget",
+                    "dashboards")
 
 
 class ReproduceConfig(CorpusFields, ModelFields):
@@ -109,6 +110,8 @@ class ReproduceConfig(CorpusFields, ModelFields):
     lr_sweep: list[float] = Field([], description="experiment 9: learning rates swept first (TopK and ASI, first "
                                                   "seed); the lowest mean FVU replaces --lr there. Empty: no sweep")
     lr_sweep_tokens: int = Field(1_000_000, gt=0, description="training tokens per run of the learning-rate sweep")
+    dashboard_tokens: int = Field(20_000, gt=0, description="held-out tokens each dashboard of the run scans (a TopK "
+                                                            "SAE, an ASI SAE and a Lorsa; experiment dashboards)")
     zpattern_text: str = Field("When Mary and John went to the store, John gave a drink to Mary. The store was "
                                "closed, so they walked home.", description="experiment 8: the text of the z-pattern "
                                                                            "figure")
@@ -171,6 +174,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lorsa_warmup_steps": 5,
         "curve_tokens": [50_000, 100_000, 200_000],
         "budget_d_init_values": [256],
+        "dashboard_tokens": 100_000,
     },
     # Experiment 9 alone, sized for a few hours on a 2-core CPU: does ASI's advantage
     # appear with budget? The paper's batch of 4,096; 20M training tokens per SAE read as 10 epochs of a 2M-token store
@@ -224,6 +228,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lorsa_warmup_steps": 500,
         "lorsa_output_bias": "zero",  # App. O.2; 800M tokens leave b_O time to learn the mean
         "b_dec_init": "zero",  # App. E.3; 800M tokens leave b_D time to learn the mean
+        "dashboard_tokens": 1_000_000,
         "curve_tokens": [1_000_000, 10_000_000, 100_000_000],
         "budget_d_init_values": [256, 2048],
     },

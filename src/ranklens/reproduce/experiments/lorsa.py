@@ -86,16 +86,22 @@ def _top_patterns(lorsa, lm, layer: int, text: str, context_length: int) -> list
     return patterns
 
 
-def step(plan: Plan) -> Step:
+def cells(plan: Plan) -> dict[str, list[LorsaCell]]:
+    """init -> its cells over the seeds."""
     c = plan.cfg
     heads = c.lorsa_expansion * plan.shape.d_model
     groups = c.lorsa_qk_groups_per_head * plan.shape.n_heads
-    cells = {init: [LorsaCell(init, heads, groups, c.lorsa_k, c.lorsa_tokens, s) for s in c.seed_list()]
-             for init in INITS}
+    return {init: [LorsaCell(init, heads, groups, c.lorsa_k, c.lorsa_tokens, s) for s in c.seed_list()]
+            for init in INITS}
+
+
+def step(plan: Plan) -> Step:
+    c = plan.cfg
+    cells_by_init = cells(plan)
     out_dir = plan.out / "lorsa"
-    layout = {"layer": plan.mid, "groups": {init: [x.name for x in cs] for init, cs in cells.items()},
+    layout = {"layer": plan.mid, "groups": {init: [x.name for x in cs] for init, cs in cells_by_init.items()},
               "zpattern_text": c.zpattern_text}
-    all_cells = [x for cs in cells.values() for x in cs]
+    all_cells = [x for cs in cells_by_init.values() for x in cs]
     commands = [cli_command("train lorsa", lorsa_config(plan, x), out_dir / x.name) for x in all_cells]
 
     def run(ctx) -> dict[str, Any]:
@@ -110,10 +116,10 @@ def step(plan: Plan) -> Step:
                                   lm=None if cached else ctx.lm)
             remove_checkpoints(out_dir / x.name)
             runs[x.name] = {"cell": asdict(x), "dir": f"lorsa/{x.name}", "metrics": metrics}
-        first = out_dir / cells["asi"][0].name
+        first = out_dir / cells_by_init["asi"][0].name
         lorsa, _, _ = open_lorsa(first)
         patterns = _top_patterns(lorsa, ctx.lm, plan.mid, c.zpattern_text, c.context_length)
-        return {"layout": layout, "runs": runs, "zpattern": {"run": cells["asi"][0].name, "heads": patterns}}
+        return {"layout": layout, "runs": runs, "zpattern": {"run": cells_by_init["asi"][0].name, "heads": patterns}}
 
     config = {"layout": layout, "lorsa_runs": {x.name: lorsa_config(plan, x).model_dump(mode="json")
                                                for x in all_cells}}
