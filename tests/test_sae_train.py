@@ -202,3 +202,45 @@ def test_curve_is_logged_at_the_asked_tokens_and_survives_resume(tiny_dir, tmp_p
     monkeypatch.setattr(Trainer, "_one_step", real_step)
     train_sae(cfg, part, progress=False)
     assert (part / "curve.jsonl").read_text() == (whole / "curve.jsonl").read_text()
+
+
+@pytest.mark.parametrize("source", ["store", "stream"])
+def test_a_group_member_equals_its_single_site_run(tiny_dir, tmp_path, source):
+    """--sites trains every site (and seed) from one forward per batch; each member equals the single-site run of
+    its own config.yaml (same seed and data order), weights bit for bit."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from ranklens.train.sae_group import GROUP_NAME
+
+    cfg = _sae_cfg(tiny_dir, site="L15.attn_out", sites="L1.attn_out,L2.mlp_out", seeds=2, init="standard",
+                   tokens=2048, source=source, stream_chunk_tokens=1024, curve_tokens=[1024])
+    cfg = cfg.model_copy(update={"site": SAETrainConfig.model_fields["site"].default})
+    group = train_sae(cfg, tmp_path / "group", progress=False)
+    assert sorted(group["members"]) == ["L1.attn_out-s0", "L1.attn_out-s1", "L2.mlp_out-s0", "L2.mlp_out-s1"]
+    assert json.loads((tmp_path / "group" / GROUP_NAME).read_text())["members"]["L2.mlp_out-s1"]["dir"] == \
+        "L2.mlp_out-s1"
+    member = tmp_path / "group" / "L2.mlp_out-s1"
+    recorded = yaml.safe_load((member / "config.yaml").read_text())
+    single_cfg = SAETrainConfig(**{k: v for k, v in recorded.items() if k != "job"})
+    assert single_cfg.site == "L2.mlp_out" and single_cfg.seed == 1 and single_cfg.data_seed == 0
+    alone = train_sae(single_cfg, tmp_path / "alone", progress=False)
+    for name, value in alone.items():
+        if name not in ("held_out",):
+            assert group["members"]["L2.mlp_out-s1"][name] == value, name
+    a, b = load_file(str(member / "sae" / "sae_weights.safetensors")), load_file(
+        str(tmp_path / "alone" / "sae" / "sae_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (member / "curve.jsonl").read_text() == (tmp_path / "alone" / "curve.jsonl").read_text()
+    # a rerun reuses every member
+    assert train_sae(cfg, tmp_path / "group", progress=False) == group
+
+
+def test_group_flags_are_checked_before_work(tiny_dir, tmp_path, capsys):
+    with pytest.raises(RanklensError, match="--seeds, --k-values and --expansion-values need --sites"):
+        SAETrainConfig.build({"seeds": 2})
+    with pytest.raises(RanklensError, match="give --sites"):
+        SAETrainConfig.build({"sites": "L*.attn_out", "site": "L3.attn_out"})
+    code = main(["train", "sae", "--model", str(tiny_dir / "model"), "--sites", "L1.attn_out", "--site",
+                 "L15.attn_out", "--out", str(tmp_path / "x"), "--quiet"])
+    assert code == 2 and "not both" in capsys.readouterr().err and not (tmp_path / "x").exists()

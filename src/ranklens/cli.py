@@ -120,7 +120,17 @@ def _cmd_spectrum(args: argparse.Namespace) -> None:
 def _cmd_train_sae(args: argparse.Namespace) -> None:
     from ranklens.train.sae_job import train_sae
 
-    metrics = train_sae(_config(args, SAETrainConfig), args.out, progress=not args.quiet)
+    if args.site is not None and args.sites is not None:
+        raise RanklensError("give --sites (many SAEs) or --site (one), not both")
+    cfg = _config(args, SAETrainConfig)
+    metrics = train_sae(cfg, args.out, progress=not args.quiet)
+    if cfg.sites is not None:
+        for name, m in metrics["members"].items():
+            print(f"{Path(args.out) / name}: fvu {m['fvu']:.4f}, l0 {m['l0']:.1f}, train_dead {m['train_dead']} "
+                  f"(window {m['dead_window_tokens']:,} tokens)")
+        print(f"{len(metrics['members'])} SAEs (SAELens layout in each DIR/<member>/sae); summary: "
+              f"{Path(args.out) / 'group.json'}")
+        return
     print(json.dumps(metrics, indent=1))
     print(f"SAE (SAELens layout): {Path(args.out) / 'sae'}; metrics: {Path(args.out) / 'metrics.json'}")
 

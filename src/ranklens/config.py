@@ -69,6 +69,8 @@ class Config(BaseModel):
                                     f"{', '.join(sorted(cls.model_fields))}") from None
             message = first["msg"].removeprefix("Value error, ")
             message = message[:1].lower() + message[1:]
+            if not loc:  # a check of several fields together
+                raise RanklensError(f"{message} ({source})") from None
             if name in cls.model_fields and len(loc) == 1:
                 raise RanklensError(f"{flag(name)} {first.get('input')}: {message} ({source})") from None
             raise RanklensError(f"bad value in {source}: {where}: {message} (got {first.get('input')!r})") from None

@@ -22,20 +22,23 @@ from ranklens.lm.load import LoadedModel
 
 
 class StreamSource:
-    """Batches of one site's activations [batch_size, d], computed chunk by chunk from `corpus`."""
+    """Batches of one site's activations [batch_size, d], computed chunk by chunk from `corpus`; with a list of
+    sites, one forward per chunk feeds them all and each step yields {site: batch}, every site's rows shuffled by
+    the same permutation (so each site's batches equal those of its single-site stream)."""
 
-    def __init__(self, lm: LoadedModel, site: str, corpus: str, *, seed: int, context_length: int, batch_size: int,
-                 chunk_tokens: int = 262_144, forward_tokens: int = 8192) -> None:
+    def __init__(self, lm: LoadedModel, site: str | list[str], corpus: str, *, seed: int, context_length: int,
+                 batch_size: int, chunk_tokens: int = 262_144, forward_tokens: int = 8192) -> None:
         if chunk_tokens < batch_size:
             raise RanklensError(f"chunk of {chunk_tokens} tokens is smaller than a batch of {batch_size}")
-        self.lm, self.site, self.corpus, self.seed = lm, site, corpus, seed
+        self.lm, self.corpus, self.seed = lm, corpus, seed
         self.context_length, self.batch_size = context_length, batch_size
         self.chunk_tokens = chunk_tokens - chunk_tokens % batch_size  # whole batches per chunk
         # The tokens past the chunk size in a chunk's last forward batch are dropped; small batches next to the
         # chunk keep that waste under 1/8.
         self.forward_tokens = max(1, min(forward_tokens, self.chunk_tokens // 8))
-        self.capture = Capturer(lm.arch, site)
-        self._last: tuple[int, torch.Tensor, int] | None = None  # (first document, rows, next document)
+        self.sites = [site] if isinstance(site, str) else list(site)
+        self.capture = Capturer(lm.arch, self.sites)
+        self._last: tuple[int, dict[str, torch.Tensor], int] | None = None  # (first document, rows, next document)
 
     @property
     def batches_per_chunk(self) -> int:
@@ -61,16 +64,18 @@ class StreamSource:
                                 f"{self.chunk_tokens} tokens; lower --tokens or use a larger corpus")
         return starts
 
-    def _chunk(self, start_doc: int) -> tuple[torch.Tensor, int]:
-        """The chunk starting at document `start_doc`: its activation rows and the next chunk's first document.
-        The last chunk is kept, so reading the start of the stream for initialization and then training from
-        step 0 runs the model over it once."""
+    def _chunk(self, start_doc: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The chunk starting at document `start_doc`: its activation rows per site and the next chunk's first
+        document. The last chunk is kept, so reading the start of the stream for initialization and then training
+        from step 0 runs the model over it once."""
         if self._last is not None and self._last[0] == start_doc:
             return self._last[1], self._last[2]
-        rows, seen, docs = [], 0, start_doc
+        rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.sites}
+        seen, docs = 0, start_doc
         for batch in self._token_batches(start_doc):
             acts = self.capture(batch.input_ids.to(self.lm.device), batch.attention_mask.to(self.lm.device))
-            rows.append(acts[self.site][batch.stat_mask.to(self.lm.device)])
+            for name in self.sites:
+                rows[name].append(acts[name][batch.stat_mask.to(self.lm.device)])
             seen += batch.n_tokens
             docs += batch.n_docs
             if seen >= self.chunk_tokens:
@@ -78,17 +83,20 @@ class StreamSource:
         if seen < self.chunk_tokens:
             raise RanklensError(f"corpus {self.corpus!r} ran out of documents during an on-the-fly chunk; lower "
                                 "--tokens or use a larger corpus")
-        self._last = (start_doc, torch.cat(rows)[: self.chunk_tokens], docs)
+        self._last = (start_doc, {name: torch.cat(r)[: self.chunk_tokens] for name, r in rows.items()}, docs)
         return self._last[1], self._last[2]
 
-    def __call__(self, start_step: int) -> Iterator[torch.Tensor]:
-        """Batches from training step `start_step` on (the Trainer's BatchSource)."""
+    def __call__(self, start_step: int) -> Iterator[torch.Tensor] | Iterator[dict[str, torch.Tensor]]:
+        """Batches from training step `start_step` on (the Trainer's BatchSource; {site: batch} for several sites)."""
         chunk, offset = divmod(start_step, self.batches_per_chunk)
         doc = self.chunk_documents(chunk)[chunk]  # tokenization only: cheap next to the forward passes
+        single = len(self.sites) == 1
         while True:
             rows, next_doc = self._chunk(doc)
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk)
-            order = torch.randperm(rows.shape[0], generator=generator)
+            order = torch.randperm(self.chunk_tokens, generator=generator)
             for b in range(offset, self.batches_per_chunk):
-                yield rows[order[b * self.batch_size:(b + 1) * self.batch_size]]
+                pick = order[b * self.batch_size:(b + 1) * self.batch_size]
+                batch = {name: r[pick] for name, r in rows.items()}
+                yield batch[self.sites[0]] if single else batch
             offset, chunk, doc = 0, chunk + 1, next_doc

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ranklens.config import CorpusFields, ModelFields
 
@@ -74,11 +74,33 @@ class SAETrainConfig(TrainFields):
     curve_tokens: list[int] = Field(
         [], description="held-out FVU and dead counts during training (DIR/curve.jsonl) at these training-token "
                         "counts and at the end, comma-separated, e.g. 100000,400000")
+    data_seed: int | None = Field(None, description="seed of the data order (corpus order and shuffle); default "
+                                                    "--seed, which then also seeds the initialization")
+    # Many SAEs from one forward per batch (ranklens.train.sae_group): one per site and variant, each a normal run.
+    sites: str | None = Field(None, description="train one SAE per site of this pattern (e.g. 'L*.attn_out' or "
+                                                "'L5,10.attn_out,L15.resid_post') from one model forward per batch, "
+                                                "each in DIR/<site>[-<variant>]; instead of --site")
+    seeds: int = Field(1, ge=1, description="with --sites: SAEs per site with init seeds --seed, --seed + 1, ... on "
+                                            "the same data")
+    k_values: list[int] = Field([], description="with --sites: one SAE per k (comma-separated), instead of --k")
+    expansion_values: list[int] = Field([], description="with --sites: one SAE per expansion (comma-separated), "
+                                                        "instead of --expansion")
 
-    @field_validator("curve_tokens", mode="before")
+    @field_validator("curve_tokens", "k_values", "expansion_values", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return comma_ints(value)
+
+    @model_validator(mode="after")
+    def _one_or_many(self) -> SAETrainConfig:
+        many = self.seeds > 1 or self.k_values or self.expansion_values
+        if self.sites is None and many:
+            raise ValueError("--seeds, --k-values and --expansion-values need --sites")
+        if self.sites is not None and self.site != type(self).model_fields["site"].default:
+            raise ValueError("give --sites (many SAEs) or --site (one), not both")
+        if any(v < 1 for v in [*self.k_values, *self.expansion_values]):
+            raise ValueError("--k-values and --expansion-values must be positive integers")
+        return self
 
     @field_validator("d_init", mode="before")
     @classmethod

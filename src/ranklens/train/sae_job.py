@@ -12,7 +12,9 @@ SAELens layout) and DIR/metrics.json. Every step resumes in the run directory.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,6 +111,11 @@ def build_sae(cfg: SAETrainConfig, d: int, source: StoreTokens | StreamTokens) -
     return sae, info
 
 
+def data_seed(cfg: SAETrainConfig) -> int:
+    """The seed of the data order: --data-seed, or --seed."""
+    return cfg.seed if cfg.data_seed is None else cfg.data_seed
+
+
 def curve_steps(tokens: list[int], batch_size: int, total_steps: int) -> list[int]:
     """The first step reaching each token count (within the run), plus the last step when any is asked for."""
     steps = {min(total_steps, max(1, -(-t // batch_size))) for t in tokens if t > 0}
@@ -134,6 +141,10 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: L
     evaluation set prepared for many runs (it must hold the site over the text this run holds out, with the same
     token counts), so the metrics equal those of the run alone.
     """
+    if cfg.sites is not None:
+        from ranklens.train.sae_group import train_sae_group
+
+        return train_sae_group(cfg, out, progress=progress, lm=lm)
     if (Path(out) / METRICS_NAME).exists():
         prepare_run_dir(out, cfg, "train-sae")  # refuses a directory of another run
         return upgrade_metrics(read_json(Path(out) / METRICS_NAME))
@@ -148,42 +159,68 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: L
 def _train(cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, progress: bool,
            held_out: HeldOutSet | None) -> dict:
     """Open the data, build, train, evaluate and write, in the locked run directory."""
-    d = lm.arch.site_dim(site)
-    source = sae_source(lm, site, kind=cfg.source, store=cfg.store, run_dir=out, corpus=cfg.corpus, seed=cfg.seed,
-                        context_length=cfg.context_length, tokens=cfg.tokens, batch_size=cfg.batch_size,
-                        buffer_tokens=cfg.shuffle_buffer_tokens, chunk_tokens=cfg.stream_chunk_tokens,
-                        dtype=cfg.dtype, device=cfg.device, progress=progress)
+    source = sae_source(lm, site, kind=cfg.source, store=cfg.store, run_dir=out, corpus=cfg.corpus,
+                        seed=data_seed(cfg), context_length=cfg.context_length, tokens=cfg.tokens,
+                        batch_size=cfg.batch_size, buffer_tokens=cfg.shuffle_buffer_tokens,
+                        chunk_tokens=cfg.stream_chunk_tokens, dtype=cfg.dtype, device=cfg.device, progress=progress)
     held_out = _held_out_set(cfg, lm, site.name, source, held_out)  # also checks the corpus is long enough
+    run = SAERun.build(cfg, out, lm, site, source, held_out, progress)
+    run.trainer.train(source, run.curve_point, run.curve_steps)
+    return run.finish()
 
-    sae, init_info = build_sae(cfg, d, source)
 
-    window = cfg.dead_window_tokens or dead_window(cfg.tokens)
-    objective = SAEObjective(sae, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
-                             autocast_dtype=resolve_dtype(cfg.train_dtype))
-    trainer = Trainer(objective, train_settings(cfg, source.total_steps, window, site.name), out, progress=progress)
+@dataclass
+class SAERun:
+    """One SAE being trained in its run directory: built, then trained (alone, or in a group), then finished."""
 
-    def curve_point() -> dict:
-        r = held_out.reconstruction(sae, site.name)
-        full = trainer.tracker.tokens_seen >= window  # the training count means something once a window has passed
+    cfg: SAETrainConfig
+    out: Path
+    site: Site
+    sae: SparseAutoencoder
+    init_info: dict
+    trainer: Trainer
+    window: int
+    held_out: HeldOutSet
+    source: Any  # the run's training data (``ranklens.data.sources``): total_steps, held_out, head()
+
+    @classmethod
+    def build(cls, cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, source, held_out: HeldOutSet,
+              progress: bool) -> SAERun:
+        sae, init_info = build_sae(cfg, lm.arch.site_dim(site), source)
+        window = cfg.dead_window_tokens or dead_window(cfg.tokens)
+        objective = SAEObjective(sae, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
+                                 autocast_dtype=resolve_dtype(cfg.train_dtype))
+        trainer = Trainer(objective, train_settings(cfg, source.total_steps, window, site.name), out,
+                          progress=progress)
+        return cls(cfg, out, site, sae, init_info, trainer, window, held_out, source)
+
+    @property
+    def curve_steps(self) -> list[int]:
+        return curve_steps(self.cfg.curve_tokens, self.cfg.batch_size, self.source.total_steps)
+
+    def curve_point(self) -> dict:
+        r = self.held_out.reconstruction(self.sae, self.site.name)
+        tracker = self.trainer.tracker
+        full = tracker.tokens_seen >= self.window  # the training count means something once a window has passed
         return {"fvu": r["fvu"], "l0": r["l0"], "eval_dead": r["eval_dead"], "eval_tokens": r["eval_tokens"],
-                "train_dead": int(trainer.tracker.n_dead(window)) if full else None, "dead_window_tokens": window}
+                "train_dead": int(tracker.n_dead(self.window)) if full else None, "dead_window_tokens": self.window}
 
-    trainer.train(source, curve_point, curve_steps(cfg.curve_tokens, cfg.batch_size, source.total_steps))
-
-    train_dead = int(trainer.tracker.n_dead(window))
-    result = {"metrics_format": METRICS_FORMAT, "site": site.name, "n_features": sae.n_features, "k": _k(cfg),
-              **init_info, "tokens": source.total_steps * cfg.batch_size, "optimizer": cfg.optimizer,
-              "aux_k": cfg.aux_k, "train_dead": train_dead, "train_dead_fraction": train_dead / sae.n_features,
-              "dead_window_tokens": window, "source": cfg.source,
-              "store_tokens": source.store.n_tokens if isinstance(source, StoreTokens) else None,
-              "held_out": source.held_out.to_json()}
-    result.update(held_out.evaluate(sae, site.name))
-
-    save_saelens(sae, out / SAE_DIR, model=cfg.model, site=site.name, context_length=cfg.context_length,
-                 corpus=cfg.corpus, extra={"ranklens_config": cfg.model_dump(mode="json"),
-                                           "held_out": source.held_out.to_json(), **init_info})
-    atomic_write_json(out / METRICS_NAME, result)
-    return result
+    def finish(self) -> dict:
+        """Evaluate, save the SAE (SAELens layout) and write metrics.json; returns the metrics."""
+        cfg, sae, source = self.cfg, self.sae, self.source
+        train_dead = int(self.trainer.tracker.n_dead(self.window))
+        result = {"metrics_format": METRICS_FORMAT, "site": self.site.name, "n_features": sae.n_features, "k": _k(cfg),
+                  **self.init_info, "tokens": source.total_steps * cfg.batch_size, "optimizer": cfg.optimizer,
+                  "aux_k": cfg.aux_k, "train_dead": train_dead, "train_dead_fraction": train_dead / sae.n_features,
+                  "dead_window_tokens": self.window, "source": cfg.source,
+                  "store_tokens": source.store.n_tokens if isinstance(source, StoreTokens) else None,
+                  "held_out": source.held_out.to_json()}
+        result.update(self.held_out.evaluate(sae, self.site.name))
+        save_saelens(sae, self.out / SAE_DIR, model=cfg.model, site=self.site.name, context_length=cfg.context_length,
+                     corpus=cfg.corpus, extra={"ranklens_config": cfg.model_dump(mode="json"),
+                                               "held_out": source.held_out.to_json(), **self.init_info})
+        atomic_write_json(self.out / METRICS_NAME, result)
+        return result
 
 
 def _held_out_set(cfg: SAETrainConfig, lm: LoadedModel, site: str, source, given: HeldOutSet | None) -> HeldOutSet:

@@ -198,34 +198,50 @@ class Trainer:
         """Run (or resume) until `total_steps`; checkpoints at the end. After each step in `eval_steps`, the row
         `evaluate()` returns (held-out metrics) is appended to curve.jsonl with the step and the tokens seen; an
         evaluation is part of its step, so a resumed run redoes exactly those after its checkpoint."""
-        eval_steps = set(eval_steps) if evaluate is not None else set()
-        self.load_checkpoint()
-        s = self.settings
-        bar = tqdm(total=s.total_steps, initial=self.step, unit="step", desc="train", disable=not self.progress,
-                   file=sys.stderr, dynamic_ncols=True)
-        self._start_wandb()
-        window: list[dict[str, float]] = []
-        started = time.monotonic()
-        tokens_at_start = int(self.tracker.tokens_seen)
+        self.start(evaluate, eval_steps)
         source = batches(self.step)
-        while self.step < s.total_steps:
+        while not self.done:
             try:
                 batch = next(source)
             except StopIteration:
-                raise RuntimeError(f"the data ran out at step {self.step} of {s.total_steps}") from None
-            result = self._one_step(batch)
-            window.append(result)
-            self.step += 1
-            bar.update(1)
-            if self.step % s.log_every == 0 or self.step == s.total_steps:
-                self._log(window, started, tokens_at_start)
-                bar.set_postfix(fvu=f"{window[-1].get('fvu', float('nan')):.4f}")
-                window = []
-            if self.step in eval_steps:
-                self._append(CURVE_NAME, {"step": self.step, "tokens": int(self.tracker.tokens_seen), **evaluate()})
-            if self.step % s.checkpoint_every == 0 or self.step == s.total_steps:
-                self.save_checkpoint()
-        bar.close()
+                raise RuntimeError(f"the data ran out at step {self.step} of {self.settings.total_steps}") from None
+            self.advance(batch)
+        self.finish()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.settings.total_steps
+
+    def start(self, evaluate: Evaluator | None = None, eval_steps: Iterable[int] = ()) -> None:
+        """Resume from the checkpoint (if any) and get ready to ``advance``; ``train`` and group training
+        (``ranklens.train.group``) call it once."""
+        self._evaluate = evaluate
+        self._eval_steps = set(eval_steps) if evaluate is not None else set()
+        self.load_checkpoint()
+        self._bar = tqdm(total=self.settings.total_steps, initial=self.step, unit="step", desc="train",
+                         disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        self._start_wandb()
+        self._window: list[dict[str, float]] = []
+        self._started = time.monotonic()
+        self._tokens_at_start = int(self.tracker.tokens_seen)
+
+    def advance(self, batch: Any) -> None:
+        """One training step on ``batch``, then its log line, held-out evaluation and checkpoint when due."""
+        s = self.settings
+        self._window.append(self._one_step(batch))
+        self.step += 1
+        self._bar.update(1)
+        if self.step % s.log_every == 0 or self.step == s.total_steps:
+            self._log(self._window, self._started, self._tokens_at_start)
+            self._bar.set_postfix(fvu=f"{self._window[-1].get('fvu', float('nan')):.4f}")
+            self._window = []
+        if self.step in self._eval_steps:
+            self._append(CURVE_NAME, {"step": self.step, "tokens": int(self.tracker.tokens_seen), **self._evaluate()})
+        if self.step % s.checkpoint_every == 0 or self.step == s.total_steps:
+            self.save_checkpoint()
+
+    def finish(self) -> None:
+        self._bar.close()
 
     def _one_step(self, batch: Any) -> dict[str, float]:
         for group in self.optimizer.param_groups:
