@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "ranklens"
 LAYERS: list[list[str]] = [
     ["errors", "allocator", "version"],
     ["io", "linalg", "config", "lock"],
-    ["distributed", "rundir", "tensor_tree"],
+    ["rundir", "tensor_tree"],
+    ["distributed"],
     ["lm"],
     ["data"],
     ["dictionaries"],

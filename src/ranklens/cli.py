@@ -123,7 +123,17 @@ def _cmd_train_sae(args: argparse.Namespace) -> None:
     if args.site is not None and args.sites is not None:
         raise RanklensError("give --sites (many SAEs) or --site (one), not both")
     cfg = _config(args, SAETrainConfig)
-    metrics = train_sae(cfg, args.out, progress=not args.quiet)
+    from ranklens.distributed import init_from_env, is_main, shutdown
+
+    distributed = init_from_env(cfg.device)  # under torchrun: the ranks share the batch (and the features)
+    main = is_main()
+    try:
+        metrics = train_sae(cfg, args.out, progress=not args.quiet)
+    finally:
+        if distributed:
+            shutdown()
+    if not main or not metrics:
+        return
     if cfg.sites is not None:
         for name, m in metrics["members"].items():
             print(f"{Path(args.out) / name}: fvu {m['fvu']:.4f}, l0 {m['l0']:.1f}, train_dead {m['train_dead']} "

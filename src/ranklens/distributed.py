@@ -7,12 +7,17 @@ torchrun (WORLD_SIZE unset or 1) every function here is a no-op and a job runs a
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ranklens.config import Config
 from ranklens.errors import RanklensError
+from ranklens.rundir import open_run_dir
 
 
 def world() -> tuple[int, int]:
@@ -67,3 +72,84 @@ def broadcast_error(message: str | None) -> None:
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise RanklensError(box[0])
+
+
+class Layout:
+    """How a training run spreads over the torchrun ranks: ``data`` replicas, each training on its share of every
+    global batch, times ``shards`` blocks of features, each rank of a replica holding one contiguous block of the
+    dictionary (``ranklens.train.sharded``). Rank r is replica r // shards and block r % shards. One process is the
+    layout 1 x 1, where every method is a no-op.
+
+    Collectives: ``data_sum_`` adds a tensor over the replicas of one block (gradients, token counts, firing masks);
+    ``shard_sum_`` and ``shard_gather`` work over the blocks of one replica (the sharded forward)."""
+
+    def __init__(self, shards: int = 1) -> None:
+        self.rank, self.world = world()
+        if shards < 1 or self.world % shards:
+            raise RanklensError(f"--shards {shards} does not divide the {self.world} ranks; expected a divisor")
+        self.shards, self.data = shards, self.world // shards
+        self.data_rank, self.shard_rank = divmod(self.rank, shards)
+        self._data_group = self._shard_group = None
+        if self.world > 1:
+            # Every rank creates every group, in the same order (torch.distributed's rule).
+            for s in range(shards):
+                group = dist.new_group([d * shards + s for d in range(self.data)])
+                if s == self.shard_rank:
+                    self._data_group = group
+            for d in range(self.data):
+                group = dist.new_group([d * shards + s for s in range(shards)])
+                if d == self.data_rank:
+                    self._shard_group = group
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def data_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.data > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._data_group)
+        return tensor
+
+    def shard_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.shards > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._shard_group)
+        return tensor
+
+    def shard_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's tensor of the same shape, in block order (one block: [tensor])."""
+        if self.shards == 1:
+            return [tensor]
+        out = [torch.empty_like(tensor) for _ in range(self.shards)]
+        dist.all_gather(out, tensor.contiguous(), group=self._shard_group)
+        return out
+
+    def split(self, n: int, what: str) -> slice:
+        """This replica's rows of a global batch of n rows (contiguous, equal shares)."""
+        if n % self.data:
+            raise RanklensError(f"{what} {n} does not divide among {self.data} data-parallel ranks; expected a "
+                                "multiple of the number of replicas")
+        share = n // self.data
+        return slice(self.data_rank * share, (self.data_rank + 1) * share)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def ranked_run_dir(out: str | Path, config: Config, job: str, layout: Layout) -> Iterator[Path]:
+    """The run directory of a job on every rank: rank 0 checks, locks and prepares it (``open_run_dir``) and holds
+    it until the block ends; the other ranks wait for rank 0's verdict, whose error stops them all."""
+    if layout.world == 1:
+        with open_run_dir(out, config, job) as run_dir:
+            yield run_dir
+        return
+    with contextlib.ExitStack() as held:
+        error = None
+        if layout.main:
+            try:
+                held.enter_context(open_run_dir(out, config, job))
+            except RanklensError as err:
+                error = str(err)
+        broadcast_error(error)
+        yield Path(out)

@@ -74,6 +74,8 @@ class SAETrainConfig(TrainFields):
     curve_tokens: list[int] = Field(
         [], description="held-out FVU and dead counts during training (DIR/curve.jsonl) at these training-token "
                         "counts and at the end, comma-separated, e.g. 100000,400000")
+    shards: int = Field(1, ge=1, description="under torchrun: blocks of features, one per rank of a replica (the "
+                                             "other ranks are data-parallel replicas); world size / shards replicas")
     data_seed: int | None = Field(None, description="seed of the data order (corpus order and shuffle); default "
                                                     "--seed, which then also seeds the initialization")
     # Many SAEs from one forward per batch (ranklens.train.sae_group): one per site and variant, each a normal run.

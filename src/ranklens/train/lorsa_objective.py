@@ -37,18 +37,12 @@ from torch import nn
 from ranklens.data.sequences import LorsaBatch
 from ranklens.dictionaries.lorsa import Lorsa
 from ranklens.train.auxk import auxk_loss
+from ranklens.train.losses import fvu_loss, global_mean, total_variance
 from ranklens.train.trainer import StepContext, StepResult, describe_values
 
-__all__ = ["LorsaObjective", "fvu"]
+__all__ = ["LorsaObjective"]
 
 _ROW_SPARSE = ("W_V", "b_V", "W_O")  # a head is a row of each of these
-
-
-def fvu(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
-    """sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the rows of [n, d] tensors, in float32 or wider."""
-    y = target.to(torch.promote_types(target.dtype, torch.float32))
-    error = (prediction.to(y.dtype) - y).pow(2).sum()
-    return error / (y - y.mean(0)).pow(2).sum()
 
 
 class LorsaObjective(nn.Module):
@@ -94,20 +88,23 @@ class LorsaObjective(nn.Module):
                 (values, indices), pre = lorsa.encode(x, mask), None
             y_hat = lorsa.decode(values, indices)
         values, indices, y_hat, y = values[sel], indices[sel], y_hat[sel], y[sel]  # ordinary tokens only
-        loss = fvu(y, y_hat)
+        layout = ctx.layout
+        loss, fvu_value = fvu_loss(y, y_hat, layout)
         fired = values > 0
         active = torch.unique(indices[fired])
-        metrics = {"fvu": float(loss.detach()), "l0": float(fired.sum()) / max(y.shape[0], 1)}
+        metrics = {"fvu": fvu_value, "l0": global_mean(float(fired.sum()) / max(y.shape[0], 1), y.shape[0], layout)}
         if want_aux:
             pre = pre[sel]
 
             def dead_pre(dead: torch.Tensor) -> torch.Tensor:
                 return pre.index_select(1, dead.to(pre.device))
 
-            aux, aux_active = auxk_loss(dead_pre, y - y_hat.to(y.dtype), ctx.dead_mask, lorsa.W_O, self.aux_k)
+            residual = y - y_hat.to(y.dtype)
+            scale = None if layout.data == 1 else total_variance(residual.detach().float(), layout)
+            aux, aux_active = auxk_loss(dead_pre, residual, ctx.dead_mask, lorsa.W_O, self.aux_k, denominator=scale)
             loss = loss + self.aux_coefficient * aux
             active = torch.unique(torch.cat([active, aux_active]))
-            metrics["aux_loss"] = float(aux.detach())
+            metrics["aux_loss"] = float(layout.data_sum_(aux.detach().clone()))
         return StepResult(loss=loss, active=active, n_tokens=int(y.shape[0]), metrics=metrics)
 
     def after_step(self) -> None:

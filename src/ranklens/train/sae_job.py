@@ -22,6 +22,7 @@ from ranklens.data.sources import StoreTokens, StreamTokens, sae_source
 from ranklens.dictionaries.init import init_asi_, init_random_subspace_, init_standard_, resolve_d_init
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
 from ranklens.dictionaries.saelens import save_saelens
+from ranklens.distributed import Layout, rank_device, ranked_run_dir
 from ranklens.errors import RanklensError
 from ranklens.eval.held_out import HeldOutSet
 from ranklens.eval.metrics import METRICS_FORMAT, upgrade_metrics
@@ -30,7 +31,7 @@ from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.linalg.basis import active_subspace, principal_basis
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
 from ranklens.lm.sites import Site
-from ranklens.rundir import check_output_dir, open_run_dir, prepare_run_dir
+from ranklens.rundir import check_output_dir, prepare_run_dir
 from ranklens.train.config import SAETrainConfig
 from ranklens.train.dead import dead_window
 from ranklens.train.sae_objective import SAEObjective
@@ -134,39 +135,59 @@ def train_settings(cfg: SAETrainConfig, total_steps: int, window: int, site: str
 
 
 def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: LoadedModel | None = None,
-              held_out: HeldOutSet | None = None) -> dict:
-    """Train (or resume, or reuse) the SAE of `cfg` in `out`; returns the metrics.json content.
+              held_out: HeldOutSet | None = None, layout: Layout | None = None) -> dict:
+    """Train (or resume, or reuse) the SAE of `cfg` in `out`; returns the metrics.json content (on rank 0; the
+    other ranks of a torchrun job return {}).
 
     `lm` reuses a model the caller already loaded (it must be `cfg.model` in `cfg.dtype`); `held_out` reuses an
     evaluation set prepared for many runs (it must hold the site over the text this run holds out, with the same
-    token counts), so the metrics equal those of the run alone.
+    token counts), so the metrics equal those of the run alone. Under torchrun (`layout`, made from the process
+    group and ``cfg.shards`` when not given) the ranks share the batch (data parallel) and, with ``shards`` > 1, the
+    features (``ranklens.train.sharded``).
     """
     if cfg.sites is not None:
         from ranklens.train.sae_group import train_sae_group
 
         return train_sae_group(cfg, out, progress=progress, lm=lm)
+    layout = layout or Layout(cfg.shards)
     if (Path(out) / METRICS_NAME).exists():
         prepare_run_dir(out, cfg, "train-sae")  # refuses a directory of another run
-        return upgrade_metrics(read_json(Path(out) / METRICS_NAME))
+        return upgrade_metrics(read_json(Path(out) / METRICS_NAME)) if layout.main else {}
     check_output_dir(out)
-    lm = lm or load_model(cfg.model, cfg.dtype, cfg.device)
+    lm = lm or load_model(cfg.model, cfg.dtype, rank_device(cfg.device))
     site = lm.arch.site(cfg.site)
     check_sizes(cfg, lm.arch.site_dim(site))  # bad combinations fail before anything is written
-    with open_run_dir(out, cfg, "train-sae") as run_dir:
-        return _train(cfg, run_dir, lm, site, progress, held_out)
+    if layout.world > 1:
+        check_layout(cfg, layout)
+    with ranked_run_dir(out, cfg, "train-sae", layout) as run_dir:
+        return _train(cfg, run_dir, lm, site, progress, held_out, layout)
+
+
+def check_layout(cfg: SAETrainConfig, layout: Layout) -> None:
+    """What a torchrun job needs, checked on every rank before any work."""
+    if cfg.source != "store" or cfg.store is None:
+        raise RanklensError("training under torchrun reads an existing activation store (--store DIR; collect it "
+                            "first, `torchrun ... ranklens collect` shares that work too)")
+    layout.split(cfg.batch_size, "--batch-size")
 
 
 def _train(cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, progress: bool,
-           held_out: HeldOutSet | None) -> dict:
-    """Open the data, build, train, evaluate and write, in the locked run directory."""
+           held_out: HeldOutSet | None, layout: Layout) -> dict:
+    """Open the data, build, train, evaluate and write, in the run directory (locked by rank 0)."""
     source = sae_source(lm, site, kind=cfg.source, store=cfg.store, run_dir=out, corpus=cfg.corpus,
                         seed=data_seed(cfg), context_length=cfg.context_length, tokens=cfg.tokens,
                         batch_size=cfg.batch_size, buffer_tokens=cfg.shuffle_buffer_tokens,
                         chunk_tokens=cfg.stream_chunk_tokens, dtype=cfg.dtype, device=cfg.device, progress=progress)
-    held_out = _held_out_set(cfg, lm, site.name, source, held_out)  # also checks the corpus is long enough
-    run = SAERun.build(cfg, out, lm, site, source, held_out, progress)
-    run.trainer.train(source, run.curve_point, run.curve_steps)
-    return run.finish()
+    if layout.main:
+        held_out = _held_out_set(cfg, lm, site.name, source, held_out)  # also checks the corpus is long enough
+    run = SAERun.build(cfg, out, lm, site, source, held_out, progress, layout)
+    rows = layout.split(cfg.batch_size, "--batch-size")
+
+    def shares(start: int):
+        return (batch[rows] for batch in source(start))
+
+    run.trainer.train(shares if layout.data > 1 else source, run.curve_point, run.curve_steps)
+    return run.finish() if layout.main else {}
 
 
 @dataclass
@@ -184,14 +205,14 @@ class SAERun:
     source: Any  # the run's training data (``ranklens.data.sources``): total_steps, held_out, head()
 
     @classmethod
-    def build(cls, cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, source, held_out: HeldOutSet,
-              progress: bool) -> SAERun:
+    def build(cls, cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, source, held_out: HeldOutSet | None,
+              progress: bool, layout: Layout | None = None) -> SAERun:
         sae, init_info = build_sae(cfg, lm.arch.site_dim(site), source)
         window = cfg.dead_window_tokens or dead_window(cfg.tokens)
         objective = SAEObjective(sae, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
                                  autocast_dtype=resolve_dtype(cfg.train_dtype))
         trainer = Trainer(objective, train_settings(cfg, source.total_steps, window, site.name), out,
-                          progress=progress)
+                          progress=progress, layout=layout)
         return cls(cfg, out, site, sae, init_info, trainer, window, held_out, source)
 
     @property

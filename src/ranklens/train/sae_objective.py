@@ -1,8 +1,8 @@
 """The training objective of a SparseAutoencoder for the shared Trainer.
 
-Loss: the batch's fraction of variance unexplained, sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (Section 3.2's
-reconstruction error, normalized by the batch's total variance so one learning rate serves sites whose scales
-differ by orders of magnitude, as the dataset-norm normalization of LlamaScope does), plus alpha * AuxK
+Loss: the batch's fraction of variance unexplained (``ranklens.train.losses.fvu_loss``; normalized by the batch's
+total variance, as the dataset-norm normalization of LlamaScope normalizes, so one learning rate serves sites whose
+scales differ by orders of magnitude), plus alpha * AuxK
 (Gao et al.; App. E.1: k_aux 512, alpha 1/32) when `aux_k` > 0, plus the sparsity penalty for ReLU/JumpReLU SAEs.
 Features active in the batch (top-k picks that fired, and the AuxK picks) are reported to the trainer, which
 passes them to SparseAdam (App. M) and to the dead-feature tracker.
@@ -19,6 +19,7 @@ from torch import nn
 
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.train.auxk import auxk_loss
+from ranklens.train.losses import fvu_loss, global_count, global_mean, total_variance
 from ranklens.train.trainer import StepContext, StepResult, describe_values
 
 
@@ -50,27 +51,27 @@ class SAEObjective(nn.Module):
         with self._autocast(x.device):
             code = sae.encode(x, k=ctx.k)
             x_hat = sae.decode(code)
-        error = x_hat.float() - x.float()
-        total_variance = (x.float() - x.float().mean(0)).pow(2).sum()
-        fvu = error.pow(2).sum() / total_variance
-        loss = fvu
+        layout, n = ctx.layout, x.shape[0]
+        loss, fvu = fvu_loss(x, x_hat, layout)
         active = code.active_features()
-        metrics = {"fvu": float(fvu.detach()), "l0": float(code.l0)}
+        metrics = {"fvu": fvu, "l0": global_mean(float(code.l0), n, layout)}
         if sae.config.activation in ("relu", "jumprelu"):
-            penalty = sae.sparsity_penalty(code)
+            penalty = sae.sparsity_penalty(code) * (n / global_count(n, layout))  # a mean over the whole batch
             loss = loss + penalty
-            metrics["sparsity_penalty"] = float(penalty.detach())
+            metrics["sparsity_penalty"] = float(layout.data_sum_(penalty.detach().clone()))
         if self.aux_k > 0:
             rows = x - sae.b_D if sae.config.apply_b_dec_to_input else x
 
             def dead_pre(dead: torch.Tensor) -> torch.Tensor:
                 return F.linear(rows, sae.W_E[dead], sae.b_E[dead])
 
-            aux, aux_active = auxk_loss(dead_pre, x - x_hat.to(x.dtype), ctx.dead_mask, sae.W_D, self.aux_k)
+            residual = x - x_hat.to(x.dtype)
+            scale = None if layout.data == 1 else total_variance(residual.detach().float(), layout)
+            aux, aux_active = auxk_loss(dead_pre, residual, ctx.dead_mask, sae.W_D, self.aux_k, denominator=scale)
             loss = loss + self.aux_coefficient * aux
             active = torch.unique(torch.cat([active, aux_active]))
-            metrics["aux_loss"] = float(aux.detach())
-        return StepResult(loss=loss, active=active, n_tokens=x.shape[0], metrics=metrics)
+            metrics["aux_loss"] = float(layout.data_sum_(aux.detach().clone()))
+        return StepResult(loss=loss, active=active, n_tokens=n, metrics=metrics)
 
     def after_step(self) -> None:
         if self.sae.config.normalize_decoder:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from ranklens.distributed import Layout
 from ranklens.errors import RanklensError
 from ranklens.io import atomic_write_bytes
 from ranklens.tensor_tree import TreeFileError, load_tree, save_tree
@@ -46,6 +47,7 @@ class StepContext:
     step: int
     k: int | None  # the (possibly annealed) number of active features
     dead_mask: torch.Tensor  # [n_features] bool, features not fired within the dead window
+    layout: Layout = field(default_factory=Layout)  # the ranks of a torchrun job (one process: a no-op)
 
 
 @dataclass
@@ -99,12 +101,19 @@ class TrainSettings:
 
 
 class Trainer:
-    def __init__(self, objective: Objective, settings: TrainSettings, run_dir: Path, progress: bool = True) -> None:
+    """Trains one dictionary. Under torchrun (``layout``) every rank runs one: the replicas of a block of features
+    add their gradients (each computed on its share of the global batch against the batch's global normalizer),
+    take the union of their active features and the sum of their tokens, so every replica makes the same update as
+    one process on the whole batch. Rank 0 writes the logs; the first replica of each block writes its checkpoint."""
+
+    def __init__(self, objective: Objective, settings: TrainSettings, run_dir: Path, progress: bool = True,
+                 layout: Layout | None = None) -> None:
         self.objective = objective
         self.settings = settings
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.progress = progress
+        self.layout = layout or Layout()
+        self.progress = progress and self.layout.main
         self.optimizer = make_optimizer(settings.optimizer, objective.param_spec(), lr=settings.lr,
                                         betas=settings.betas, eps=settings.eps,
                                         bias_correction=settings.bias_correction)
@@ -117,17 +126,25 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "tracker": self.tracker.state_dict()}
+                "tracker": self.tracker.state_dict(), "layout": [self.layout.data, self.layout.shards]}
 
     def save_checkpoint(self) -> None:
-        """Write the state atomically, keeping the previous checkpoint beside it."""
-        current = self.run_dir / CHECKPOINT_NAME
-        if current.exists():
-            os.replace(current, self.run_dir / PREVIOUS_CHECKPOINT_NAME)
-        save_tree(current, self._state())
+        """Write the state atomically, keeping the previous checkpoint beside it (the first replica of each block of
+        features writes its block's checkpoint; the others wait, so no rank resumes from a half-saved step)."""
+        if self.layout.data_rank == 0:
+            current, previous = self.checkpoint_files()[:2]
+            if current.exists():
+                os.replace(current, previous)
+            save_tree(current, self._state())
+        self.layout.barrier()
 
     def checkpoint_files(self) -> list[Path]:
-        return [self.run_dir / name for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME)]
+        """This block's (current, previous, format-1) checkpoint files."""
+        s = self.layout.shards
+        names = [CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME]
+        if s > 1:
+            names = [n.replace("checkpoint", f"checkpoint.shard{self.layout.shard_rank}-of-{s}") for n in names]
+        return [self.run_dir / n for n in names] + [self.run_dir / LEGACY_CHECKPOINT_NAME]
 
     def load_checkpoint(self) -> bool:
         """Resume from the newest readable checkpoint (a damaged one is skipped with a message); then drop the log
@@ -150,6 +167,11 @@ class Trainer:
         return loaded
 
     def _load_state(self, state: dict[str, Any], path: Path) -> None:
+        saved = state.get("layout", [1, 1])
+        if list(saved) != [self.layout.data, self.layout.shards]:
+            raise RanklensError(f"{path} was written by {saved[0]} data-parallel x {saved[1]} feature-sharded ranks; "
+                                f"this run has {self.layout.data} x {self.layout.shards}: resume with the same "
+                                "torchrun world size and --shards")
         try:
             self.objective.load_state_dict(state["objective"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -163,7 +185,7 @@ class Trainer:
         """Keep the lines logged up to the current step. A torn last line (a kill in the middle of an append) is
         dropped with a message; a damaged line before the last is an error."""
         path = self.run_dir / name
-        if not path.exists():
+        if not self.layout.main or not path.exists():
             return
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         rows = []
@@ -179,6 +201,8 @@ class Trainer:
         atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
+        if not self.layout.main:
+            return
         with open(self.run_dir / name, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -235,7 +259,7 @@ class Trainer:
             self._log(self._window, self._started, self._tokens_at_start)
             self._bar.set_postfix(fvu=f"{self._window[-1].get('fvu', float('nan')):.4f}")
             self._window = []
-        if self.step in self._eval_steps:
+        if self.step in self._eval_steps and self.layout.main:
             self._append(CURVE_NAME, {"step": self.step, "tokens": int(self.tracker.tokens_seen), **self._evaluate()})
         if self.step % s.checkpoint_every == 0 or self.step == s.total_steps:
             self.save_checkpoint()
@@ -246,7 +270,8 @@ class Trainer:
     def _one_step(self, batch: Any) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
-        ctx = StepContext(self.step, self.current_k(), self.tracker.dead_mask(self.settings.dead_window_tokens))
+        ctx = StepContext(self.step, self.current_k(), self.tracker.dead_mask(self.settings.dead_window_tokens),
+                          self.layout)
         # None, not zeros: backward then hands each parameter its fresh gradient instead of adding it into a zeroed
         # buffer (two passes over every [n_features, d] tensor saved); every parameter gets a gradient each step.
         self.optimizer.zero_grad(set_to_none=True)
@@ -255,11 +280,22 @@ class Trainer:
             raise RanklensError(f"the loss became {float(result.loss.detach())} at step {self.step} of {self.settings.what}: "
                                 f"{self.objective.nonfinite_reason(batch)}")
         result.loss.backward()
-        self.optimizer.step(active_rows=result.active)
+        active, n_tokens = result.active, result.n_tokens
+        if self.layout.data > 1:  # the replicas' sum is the gradient of the whole batch's loss
+            for p, _ in self.objective.param_spec():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self.layout.data_sum_(p.grad)
+            fired = torch.zeros(self.objective.n_features, dtype=torch.int32, device=active.device)
+            fired[active] = 1
+            active = self.layout.data_sum_(fired).nonzero().squeeze(1)
+            n_tokens = int(self.layout.data_sum_(torch.tensor(n_tokens)))
+        self.optimizer.step(active_rows=active)
         self.objective.after_step()
-        self.tracker.update(result.active, result.n_tokens)
-        return {"loss": float(result.loss.detach()), **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
-                "k": ctx.k if ctx.k is not None else float("nan"), "n_tokens": result.n_tokens}
+        self.tracker.update(active, n_tokens)
+        loss = float(self.layout.data_sum_(result.loss.detach().clone()))  # the replicas' shares add up
+        return {"loss": loss, **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
+                "k": ctx.k if ctx.k is not None else float("nan"), "n_tokens": n_tokens}
 
     def _log(self, window: list[dict[str, float]], started: float, tokens_at_start: int) -> None:
         keys = [k for k in window[-1] if k not in ("n_tokens",)]

@@ -1,0 +1,89 @@
+"""Training under torchrun with gloo ranks on this CPU: two data-parallel ranks against one process on the same
+store, global batch and seed give the same SAE (float32: the replicas' moments are summed in another order, so to a
+stated tolerance), the same dead counts and metrics; resuming needs the same world size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ranklens.data.collect import collect
+from ranklens.data.config import CollectConfig
+from ranklens.train.config import SAETrainConfig
+from ranklens.train.sae_job import train_sae
+
+RTOL, ATOL = 2e-4, 2e-5  # float32 after 16 steps of Adam
+
+
+@pytest.fixture(scope="module")
+def store(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "store"
+    collect(CollectConfig(model=str(tiny_dir / "model"), sites="L1.attn_out", corpus=str(tiny_dir / "corpus"),
+                          tokens=5000, context_length=64, dtype="float32"), out, progress=False)
+    return out
+
+
+def _args(tiny_dir, store, **extra) -> list[str]:
+    values = dict(model=str(tiny_dir / "model"), site="L1.attn_out", corpus=str(tiny_dir / "corpus"),
+                  store=str(store), tokens=4096, batch_size=256, expansion=4, k=4, context_length=64, dtype="float32",
+                  eval_tokens=500, lm_eval_tokens=200, warmup_steps=1, lr=3e-3, init="asi", d_init=8,
+                  init_tokens=2000, checkpoint_every=4, log_every=2, shuffle_buffer_tokens=1024, aux_k=16)
+    values.update(extra)
+    return values
+
+
+def _torchrun(values: dict, out, nproc: int) -> subprocess.CompletedProcess:
+    flags = [f for k, v in values.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ranklens.cli", "train", "sae", *flags, "--quiet", "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "sae" / "sae_weights.safetensors"))
+
+
+def test_two_data_parallel_ranks_equal_one_process(tiny_dir, store, tmp_path):
+    values = _args(tiny_dir, store)
+    one = train_sae(SAETrainConfig(**values), tmp_path / "one", progress=False)
+    run = _torchrun(values, tmp_path / "two", 2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
+    assert two["train_dead"] == one["train_dead"] and two["tokens"] == one["tokens"] == 4096
+    assert two["fvu"] == pytest.approx(one["fvu"], rel=1e-3) and two["eval_dead"] == one["eval_dead"]
+    rows_one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    rows_two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
+    for r1, r2 in zip(rows_one, rows_two, strict=True):
+        assert r2["dead"] == r1["dead"] and r2["n_tokens"] == r1["n_tokens"] if "n_tokens" in r1 else True
+        assert r2["fvu"] == pytest.approx(r1["fvu"], rel=1e-3) and r2["l0"] == pytest.approx(r1["l0"], rel=1e-6)
+
+
+def test_a_run_resumes_only_with_its_world_size(tiny_dir, store, tmp_path):
+    values = _args(tiny_dir, store, tokens=2048)
+    first = _torchrun(values, tmp_path / "run", 2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "run" / "metrics.json").unlink()  # as if killed after the last checkpoint
+    done = subprocess.run([sys.executable, "-m", "ranklens.cli", "train", "sae",
+                           *[f for k, v in values.items() for f in (f"--{k.replace('_', '-')}", str(v))],
+                           "--quiet", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 2 and "written by 2 data-parallel x 1 feature-sharded ranks" in done.stderr
+    again = _torchrun(values, tmp_path / "run", 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_torchrun_needs_a_store(tiny_dir, store, tmp_path):
+    values = _args(tiny_dir, store)
+    del values["store"]
+    run = _torchrun(values, tmp_path / "run", 2)
+    assert run.returncode != 0 and "reads an existing activation store" in run.stderr
