@@ -87,3 +87,32 @@ def test_torchrun_needs_a_store(tiny_dir, store, tmp_path):
     del values["store"]
     run = _torchrun(values, tmp_path / "run", 2)
     assert run.returncode != 0 and "reads an existing activation store" in run.stderr
+
+
+@pytest.mark.parametrize("nproc, shards", [(2, 2), (4, 2)], ids=["2 blocks", "2 replicas x 2 blocks"])
+def test_feature_sharded_ranks_equal_one_process(tiny_dir, store, tmp_path, nproc, shards):
+    """Blocks of features on separate ranks (exact global TopK and AuxK over the blocks), alone and combined with
+    data parallelism, give the one-process SAE, dead counts and metrics."""
+    values = _args(tiny_dir, store, init="standard")
+    one = train_sae(SAETrainConfig(**values), tmp_path / "one", progress=False)
+    run = _torchrun({**values, "shards": shards}, tmp_path / "many", nproc)
+    assert run.returncode == 0, run.stderr[-3000:]
+    many = json.loads((tmp_path / "many" / "metrics.json").read_text())
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "many")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
+    assert many["train_dead"] == one["train_dead"] and many["eval_dead"] == one["eval_dead"]
+    assert many["fvu"] == pytest.approx(one["fvu"], rel=1e-3)
+    rows = [json.loads(x) for x in (tmp_path / "many" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["aux_loss"] for r in rows) > 0 and max(r["dead"] for r in rows) > 0  # AuxK over blocks was used
+    assert sorted(p.name for p in (tmp_path / "many").glob("checkpoint.shard*")) == [
+        f"checkpoint.shard{s}-of-{shards}{suffix}" for s in range(shards) for suffix in
+        (".prev.safetensors", ".safetensors")]
+
+
+def test_bad_layouts_are_one_line_before_work(tiny_dir, store, tmp_path):
+    run = _torchrun({**_args(tiny_dir, store), "shards": 3}, tmp_path / "bad", 2)
+    assert run.returncode != 0 and "--shards 3 does not divide the 2 ranks" in run.stderr
+    run = _torchrun({**_args(tiny_dir, store), "n_features": 101, "shards": 2}, tmp_path / "bad2", 2)
+    assert run.returncode != 0 and "split into equal blocks" in run.stderr
+    assert not (tmp_path / "bad2").exists()

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 
 from ranklens.dictionaries.kernels import sparse_decode
+from ranklens.dictionaries.sharded import global_topk_mask, partial_sum
+from ranklens.distributed import Layout
 
 __all__ = ["auxk_loss"]
 
@@ -50,6 +52,7 @@ def auxk_loss(
     k_aux: int,
     *,
     denominator: Tensor | float | None = None,
+    shards: Layout | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The AuxK loss of a batch and the features it used.
 
@@ -63,6 +66,10 @@ def auxk_loss(
         k_aux: dead features used per token (paper App. E.1: 512); capped at the number of dead features; 0 disables.
         denominator: overrides the normalizer sum ||e - mean(e)||^2 (a tensor or float), e.g. with the input's total
             variance to match sparsify.
+        shards: the layout of a feature-sharded SAE whose block this is (``ranklens.dictionaries.sharded``): the k_aux
+            dead features are chosen over every block (each offers its best k_aux, padded, one all-gather picks the
+            global ones) and the blocks' partial reconstructions are summed; ``dead_mask`` and ``W_D`` are the
+            block's. Every block then computes the one-process loss.
 
     Returns:
         (loss, aux_indices): a scalar (0, without a graph, when no feature is dead or k_aux is 0) and the sorted unique
@@ -78,7 +85,8 @@ def auxk_loss(
     no_features = torch.empty(0, dtype=torch.int64, device=W_D.device)
     dead = dead_mask.to(W_D.device).nonzero().squeeze(1)  # [n_dead], sorted
     n_dead = dead.numel()
-    if n_dead == 0 or k_aux == 0 or n_tokens == 0:
+    total_dead = n_dead if shards is None else int(shards.shard_sum_(torch.tensor(n_dead)))
+    if total_dead == 0 or k_aux == 0 or n_tokens == 0:
         return e.new_zeros((), dtype=torch.promote_types(e.dtype, torch.float32)), no_features
     k = min(k_aux, n_dead)
 
@@ -87,6 +95,10 @@ def auxk_loss(
     else:
         pre_dead = pre_acts_or_encoder_fn(dead).reshape(-1, n_dead)
     values, local = pre_dead.topk(k, dim=1, sorted=False)  # [tokens, k]
+    if shards is not None:  # keep the candidates that are among the k_aux best of every block
+        offered = torch.nn.functional.pad(values.detach(), (0, k_aux - k), value=-torch.inf)
+        keep = global_topk_mask(offered, min(k_aux, total_dead), shards)[:, :k]
+        values = torch.where(keep, values, torch.zeros_like(values))
     acts = values.relu()
     features = dead.to(local.device)[local]  # [tokens, k] global feature indices
     # e_hat = sum_j acts_j * W_D[features_j], no decoder bias. When k_aux is a sizeable share of the dead features
@@ -98,6 +110,8 @@ def auxk_loss(
     else:
         zero_bias = torch.zeros(d, dtype=W_D.dtype, device=W_D.device)
         e_hat = sparse_decode(acts, features.to(W_D.device), W_D, zero_bias)
+    if shards is not None:
+        e_hat = partial_sum(e_hat, shards)
     work = torch.promote_types(torch.promote_types(e_hat.dtype, e.dtype), torch.float32)
     e_w = e.to(work)
     squared_error = (e_hat.to(work) - e_w).pow(2).sum()

@@ -22,6 +22,7 @@ from ranklens.data.sources import StoreTokens, StreamTokens, sae_source
 from ranklens.dictionaries.init import init_asi_, init_random_subspace_, init_standard_, resolve_d_init
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
 from ranklens.dictionaries.saelens import save_saelens
+from ranklens.dictionaries.sharded import ShardedSAE
 from ranklens.distributed import Layout, rank_device, ranked_run_dir
 from ranklens.errors import RanklensError
 from ranklens.eval.held_out import HeldOutSet
@@ -158,17 +159,24 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: L
     site = lm.arch.site(cfg.site)
     check_sizes(cfg, lm.arch.site_dim(site))  # bad combinations fail before anything is written
     if layout.world > 1:
-        check_layout(cfg, layout)
+        check_layout(cfg, layout, lm.arch.site_dim(site))
     with ranked_run_dir(out, cfg, "train-sae", layout) as run_dir:
         return _train(cfg, run_dir, lm, site, progress, held_out, layout)
 
 
-def check_layout(cfg: SAETrainConfig, layout: Layout) -> None:
+def check_layout(cfg: SAETrainConfig, layout: Layout, d: int) -> None:
     """What a torchrun job needs, checked on every rank before any work."""
     if cfg.source != "store" or cfg.store is None:
         raise RanklensError("training under torchrun reads an existing activation store (--store DIR; collect it "
                             "first, `torchrun ... ranklens collect` shares that work too)")
     layout.split(cfg.batch_size, "--batch-size")
+    if layout.shards > 1:
+        n_features = cfg.n_features or cfg.expansion * d
+        if cfg.activation != "topk" or n_features % layout.shards:
+            raise RanklensError(f"--shards {layout.shards} needs a TopK SAE whose {n_features} features split into "
+                                "equal blocks; expected --activation topk and a multiple of --shards")
+        if cfg.curve_tokens:
+            raise RanklensError("--curve-tokens needs the whole dictionary on one rank; not with --shards")
 
 
 def _train(cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, progress: bool,
@@ -187,7 +195,7 @@ def _train(cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, progress
         return (batch[rows] for batch in source(start))
 
     run.trainer.train(shares if layout.data > 1 else source, run.curve_point, run.curve_steps)
-    return run.finish() if layout.main else {}
+    return run.finish()
 
 
 @dataclass
@@ -208,6 +216,8 @@ class SAERun:
     def build(cls, cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, source, held_out: HeldOutSet | None,
               progress: bool, layout: Layout | None = None) -> SAERun:
         sae, init_info = build_sae(cfg, lm.arch.site_dim(site), source)
+        if layout is not None and layout.shards > 1:
+            sae = ShardedSAE(sae, layout)  # every rank built the same SAE; it keeps its block of features
         window = cfg.dead_window_tokens or dead_window(cfg.tokens)
         objective = SAEObjective(sae, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
                                  autocast_dtype=resolve_dtype(cfg.train_dtype))
@@ -227,9 +237,14 @@ class SAERun:
                 "train_dead": int(tracker.n_dead(self.window)) if full else None, "dead_window_tokens": self.window}
 
     def finish(self) -> dict:
-        """Evaluate, save the SAE (SAELens layout) and write metrics.json; returns the metrics."""
+        """Evaluate, save the SAE (SAELens layout) and write metrics.json; returns the metrics. A feature-sharded
+        SAE is gathered first (every rank takes part), and rank 0 alone evaluates and writes."""
         cfg, sae, source = self.cfg, self.sae, self.source
-        train_dead = int(self.trainer.tracker.n_dead(self.window))
+        train_dead = self.trainer.n_dead()
+        if isinstance(sae, ShardedSAE):
+            sae = sae.gather()
+        if not self.trainer.layout.main:
+            return {}
         result = {"metrics_format": METRICS_FORMAT, "site": self.site.name, "n_features": sae.n_features, "k": _k(cfg),
                   **self.init_info, "tokens": source.total_steps * cfg.batch_size, "optimizer": cfg.optimizer,
                   "aux_k": cfg.aux_k, "train_dead": train_dead, "train_dead_fraction": train_dead / sae.n_features,

@@ -54,7 +54,8 @@ class SAEObjective(nn.Module):
         layout, n = ctx.layout, x.shape[0]
         loss, fvu = fvu_loss(x, x_hat, layout)
         active = code.active_features()
-        metrics = {"fvu": fvu, "l0": global_mean(float(code.l0), n, layout)}
+        l0 = float(code.l0) if layout.shards == 1 else float(layout.shard_sum_(torch.tensor(float(code.l0))))
+        metrics = {"fvu": fvu, "l0": global_mean(l0, n, layout)}
         if sae.config.activation in ("relu", "jumprelu"):
             penalty = sae.sparsity_penalty(code) * (n / global_count(n, layout))  # a mean over the whole batch
             loss = loss + penalty
@@ -67,7 +68,8 @@ class SAEObjective(nn.Module):
 
             residual = x - x_hat.to(x.dtype)
             scale = None if layout.data == 1 else total_variance(residual.detach().float(), layout)
-            aux, aux_active = auxk_loss(dead_pre, residual, ctx.dead_mask, sae.W_D, self.aux_k, denominator=scale)
+            aux, aux_active = auxk_loss(dead_pre, residual, ctx.dead_mask, sae.W_D, self.aux_k, denominator=scale,
+                                        shards=layout if layout.shards > 1 else None)
             loss = loss + self.aux_coefficient * aux
             active = torch.unique(torch.cat([active, aux_active]))
             metrics["aux_loss"] = float(layout.data_sum_(aux.detach().clone()))

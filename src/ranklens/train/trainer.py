@@ -297,13 +297,18 @@ class Trainer:
         return {"loss": loss, **result.metrics, "lr": self.optimizer.param_groups[0]["lr"],
                 "k": ctx.k if ctx.k is not None else float("nan"), "n_tokens": n_tokens}
 
+    def n_dead(self) -> int:
+        """Features not fired in the dead window, over every block of a feature-sharded dictionary."""
+        local = torch.tensor(self.tracker.n_dead(self.settings.dead_window_tokens))
+        return int(self.layout.shard_sum_(local) if self.layout.shards > 1 else local)
+
     def _log(self, window: list[dict[str, float]], started: float, tokens_at_start: int) -> None:
         keys = [k for k in window[-1] if k not in ("n_tokens",)]
         row = {"step": self.step, "tokens": int(self.tracker.tokens_seen)}
         for key in keys:
             values = [w[key] for w in window if key in w and not math.isnan(w[key])]
             row[key] = sum(values) / len(values) if values else float("nan")
-        row["dead"] = int(self.tracker.n_dead(self.settings.dead_window_tokens))
+        row["dead"] = self.n_dead()
         row["dead_window_tokens"] = self.settings.dead_window_tokens
         elapsed = time.monotonic() - started
         row["tokens_per_second"] = (int(self.tracker.tokens_seen) - tokens_at_start) / elapsed if elapsed > 0 else 0.0
