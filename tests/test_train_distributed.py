@@ -116,3 +116,35 @@ def test_bad_layouts_are_one_line_before_work(tiny_dir, store, tmp_path):
     run = _torchrun({**_args(tiny_dir, store), "n_features": 101, "shards": 2}, tmp_path / "bad2", 2)
     assert run.returncode != 0 and "split into equal blocks" in run.stderr
     assert not (tmp_path / "bad2").exists()
+
+
+@pytest.fixture(scope="module")
+def lorsa_store(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist-lorsa") / "store"
+    collect(CollectConfig(model=str(tiny_dir / "model"), sites="L1.attn_in,L1.attn_out",
+                          corpus=str(tiny_dir / "corpus"), tokens=3000, context_length=64, dtype="float32"), out,
+            progress=False)
+    return out
+
+
+def test_two_data_parallel_ranks_train_the_one_process_lorsa(tiny_dir, lorsa_store, tmp_path):
+    from ranklens.train.config import LorsaTrainConfig
+    from ranklens.train.lorsa_job import train_lorsa
+
+    values = dict(model=str(tiny_dir / "model"), corpus=str(tiny_dir / "corpus"), store=str(lorsa_store), layer=1,
+                  heads=16, qk_groups=4, k=3, tokens=2048, batch_tokens=256, context_length=64, dtype="float32",
+                  eval_tokens=300, lm_eval_tokens=100, warmup_steps=1, lr=3e-3, aux_k=4, checkpoint_every=4,
+                  log_every=2, output_bias="mean", init_tokens=500)
+    one = train_lorsa(LorsaTrainConfig(**values), tmp_path / "one", progress=False)
+    flags = [f for k, v in values.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ranklens.cli",
+           "train", "lorsa", *flags, "--quiet", "--out", str(tmp_path / "two")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    a = load_file(str(tmp_path / "one" / "lorsa" / "lorsa.safetensors"))
+    b = load_file(str(tmp_path / "two" / "lorsa" / "lorsa.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
+    assert two["train_dead"] == one["train_dead"] and two["tokens"] == one["tokens"]
+    assert two["fvu"] == pytest.approx(one["fvu"], rel=1e-3)

@@ -152,9 +152,19 @@ def _cmd_eval_sae(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_lorsa(args: argparse.Namespace) -> None:
+    from ranklens.distributed import init_from_env, is_main, shutdown
     from ranklens.train.lorsa_job import train_lorsa
 
-    metrics = train_lorsa(_config(args, LorsaTrainConfig), args.out, progress=not args.quiet)
+    cfg = _config(args, LorsaTrainConfig)
+    distributed = init_from_env(cfg.device)  # under torchrun: the ranks share every batch's sequences
+    main = is_main()
+    try:
+        metrics = train_lorsa(cfg, args.out, progress=not args.quiet)
+    finally:
+        if distributed:
+            shutdown()
+    if not main:
+        return
     print(json.dumps(metrics, indent=1))
     print(f"Lorsa: {Path(args.out) / 'lorsa'}; metrics: {Path(args.out) / 'metrics.json'}")
 

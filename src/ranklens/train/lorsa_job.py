@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from ranklens.data.collect import check_context_length
-from ranklens.data.sequences import StoreSequences, StreamSequences
+from ranklens.data.sequences import LorsaBatch, StoreSequences, StreamSequences
 from ranklens.data.sources import lorsa_source
 from ranklens.dictionaries.lorsa import Lorsa, LorsaConfig
 from ranklens.dictionaries.lorsa_init import init_asi_, init_default_, init_qk_from_mhsa_
 from ranklens.dictionaries.lorsa_io import RUN_LORSA_DIR as LORSA_DIR
 from ranklens.dictionaries.lorsa_io import save_lorsa
+from ranklens.distributed import Layout, rank_device, ranked_run_dir
 from ranklens.errors import RanklensError
 from ranklens.eval.lorsa import evaluate_lorsa
 from ranklens.eval.metrics import METRICS_FORMAT, upgrade_metrics
@@ -38,7 +39,7 @@ from ranklens.io import atomic_write_json, read_json
 from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.lm.attention import MHSAWeights, mhsa_weights
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
-from ranklens.rundir import check_output_dir, open_run_dir, prepare_run_dir
+from ranklens.rundir import check_output_dir, prepare_run_dir
 from ranklens.train.config import LorsaTrainConfig
 from ranklens.train.dead import dead_window
 from ranklens.train.lorsa_objective import LorsaObjective
@@ -120,25 +121,45 @@ def build_lorsa(cfg: LorsaTrainConfig, w: MHSAWeights, source: StoreSequences | 
 
 
 def train_lorsa(cfg: LorsaTrainConfig, out: str | Path, progress: bool = True, lm: LoadedModel | None = None,
-                ) -> dict:
+                layout: Layout | None = None) -> dict:
     """Train (or resume, or reuse) the Lorsa of `cfg` in `out`; returns the metrics.json content. `lm` reuses a
-    model the caller already loaded (it must be `cfg.model` in `cfg.dtype`)."""
+    model the caller already loaded (it must be `cfg.model` in `cfg.dtype`). Under torchrun the ranks are
+    data-parallel replicas, each training on its share of the sequences of every batch (rank 0 returns the
+    metrics, the others {})."""
+    layout = layout or Layout()
     if (Path(out) / METRICS_NAME).exists():
         prepare_run_dir(out, cfg, "train-lorsa")  # refuses a directory of another run
-        return upgrade_metrics(read_json(Path(out) / METRICS_NAME))
+        return upgrade_metrics(read_json(Path(out) / METRICS_NAME)) if layout.main else {}
     check_output_dir(out)
-    lm = lm or load_model(cfg.model, cfg.dtype, cfg.device)
+    if layout.world > 1 and (cfg.source != "store" or cfg.store is None):
+        raise RanklensError("training under torchrun reads an existing activation store (--store DIR; collect it "
+                            "first, `torchrun ... ranklens collect` shares that work too)")
+    lm = lm or load_model(cfg.model, cfg.dtype, rank_device(cfg.device))
     check_context_length(lm.model, cfg.context_length)
     layer = resolve_layer(cfg, lm.arch.n_layers)
     w = mhsa_weights(lm.arch, layer)
     lorsa_config(cfg, w)  # bad sizes fail before anything is written
     if cfg.tokens < cfg.batch_tokens:
         raise RanklensError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_tokens}")
-    with open_run_dir(out, cfg, "train-lorsa") as run_dir:
-        return _train(cfg, run_dir, lm, layer, w, progress)
+    with ranked_run_dir(out, cfg, "train-lorsa", layout) as run_dir:
+        return _train(cfg, run_dir, lm, layer, w, progress, layout)
 
 
-def _train(cfg: LorsaTrainConfig, out: Path, lm: LoadedModel, layer: int, w: MHSAWeights, progress: bool) -> dict:
+def _shares(source, layout: Layout):
+    """This replica's sequences of every batch (sequence r, r + replicas, ...); one replica: the batches."""
+    if layout.data == 1:
+        return source
+
+    def batches(start: int):
+        for b in source(start):
+            rows = slice(layout.data_rank, None, layout.data)
+            yield LorsaBatch(b.x[rows], b.target[rows], b.attention_mask[rows], b.stat_mask[rows])
+
+    return batches
+
+
+def _train(cfg: LorsaTrainConfig, out: Path, lm: LoadedModel, layer: int, w: MHSAWeights, progress: bool,
+           layout: Layout) -> dict:
     """Open the data, build, train, evaluate and write, in the locked run directory."""
     source = lorsa_source(lm, layer, kind=cfg.source, store=cfg.store, run_dir=out, corpus=cfg.corpus,
                           seed=cfg.seed, context_length=cfg.context_length, tokens=cfg.tokens,
@@ -157,9 +178,11 @@ def _train(cfg: LorsaTrainConfig, out: Path, lm: LoadedModel, layer: int, w: MHS
                              what=f"the Lorsa of layer {layer}")
     objective = LorsaObjective(lorsa, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
                                autocast_dtype=resolve_dtype(cfg.train_dtype), normalize_output=cfg.normalize_output)
-    trainer = Trainer(objective, settings, out, progress=progress)
-    trainer.train(source)
+    trainer = Trainer(objective, settings, out, progress=progress, layout=layout)
+    trainer.train(_shares(source, layout))
     train_dead = int(trainer.tracker.n_dead(window))
+    if not layout.main:
+        return {}
     lorsa.normalize_output_()  # footnote 3: unit w_o, same predictions
 
     held_out = source.held_out
