@@ -148,3 +148,33 @@ def test_two_data_parallel_ranks_train_the_one_process_lorsa(tiny_dir, lorsa_sto
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
     assert two["train_dead"] == one["train_dead"] and two["tokens"] == one["tokens"]
     assert two["fvu"] == pytest.approx(one["fvu"], rel=1e-3)
+
+
+def test_a_store_collected_by_two_ranks_is_one_store(tiny_dir, store, tmp_path):
+    """torchrun collect: each rank stores every other batch; the one manifest reads as the one-process store (the
+    same sequences, in another shard order), resumes per rank, and refuses another world size."""
+    from ranklens.data.store import ActivationStore
+
+    args = ["--model", str(tiny_dir / "model"), "--sites", "L1.attn_out", "--corpus", str(tiny_dir / "corpus"),
+            "--tokens", "5000", "--context-length", "64", "--dtype", "float32", "--shard-tokens", "800", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ranklens.cli",
+           "collect", *args, "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = ActivationStore(store), ActivationStore(tmp_path / "two")
+    two.verify()
+    assert two.n_tokens == one.n_tokens and two.docs_consumed == one.docs_consumed
+    assert two.held_out() == one.held_out()
+    key = lambda sb: tuple(sb.input_ids[0, : int(sb.lengths[0])].tolist())  # noqa: E731
+    seqs_one = {key(sb): sb for sb in one.sequences(["L1.attn_out"], 1, seed=0)}
+    seqs_two = {key(sb): sb for sb in two.sequences(["L1.attn_out"], 1, seed=0)}
+    assert seqs_one.keys() == seqs_two.keys()
+    for k, sb in seqs_two.items():
+        assert torch.equal(sb.acts["L1.attn_out"], seqs_one[k].acts["L1.attn_out"])
+    assert {p.name for p in (tmp_path / "two").iterdir()} >= {"rank-0", "rank-1", "manifest.json"}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]  # a rerun reuses (and verifies) it
+    three = subprocess.run([*cmd[:4], "--nproc_per_node=3", *cmd[5:]], capture_output=True, text=True, timeout=600,
+                           env=env)
+    assert three.returncode != 0 and "collected by 2 ranks" in three.stderr

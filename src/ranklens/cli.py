@@ -96,9 +96,18 @@ def _cmd_sites(args: argparse.Namespace) -> None:
 
 def _cmd_collect(args: argparse.Namespace) -> None:
     from ranklens.data.collect import collect
+    from ranklens.distributed import init_from_env, is_main, shutdown
 
-    store = collect(_config(args, CollectConfig), args.out, progress=not args.quiet)
-    print(f"{store.n_tokens} tokens of {', '.join(store.sites)} in {args.out}")
+    cfg = _config(args, CollectConfig)
+    distributed = init_from_env(cfg.device)  # under torchrun: the ranks share the batches
+    main = is_main()
+    try:
+        store = collect(cfg, args.out, progress=not args.quiet)
+    finally:
+        if distributed:
+            shutdown()
+    if main:
+        print(f"{store.n_tokens} tokens of {', '.join(store.sites)} in {args.out}")
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> None:

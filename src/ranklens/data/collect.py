@@ -16,8 +16,15 @@ from tqdm import tqdm
 
 from ranklens.data.config import CollectConfig
 from ranklens.data.corpus import iter_documents
-from ranklens.data.store import ActivationStore, ActivationStoreWriter
+from ranklens.data.store import (
+    MANIFEST_NAME,
+    ActivationStore,
+    ActivationStoreWriter,
+    merge_rank_stores,
+    rank_dir,
+)
 from ranklens.data.tokenize import token_batches
+from ranklens.distributed import Layout, rank_device
 from ranklens.errors import RanklensError
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
@@ -37,10 +44,15 @@ def check_context_length(model, context_length: int) -> None:
 
 
 def collect(cfg: CollectConfig, out: str | Path, progress: bool = True, lm: LoadedModel | None = None,
-            ) -> ActivationStore:
-    """Collect (or resume, or reuse) the store in `out`; `lm` reuses a model the caller already loaded."""
+            layout: Layout | None = None) -> ActivationStore:
+    """Collect (or resume, or reuse) the store in `out`; `lm` reuses a model the caller already loaded.
+
+    Under torchrun (``layout`` with several ranks) batch i of the corpus goes to rank i mod N, which writes its own
+    shards into OUT/rank-<r>/ (resumable on its own); once all are done, rank 0 writes the one manifest that makes
+    them one store (``merge_rank_stores``). The store then holds the same batches as a one-process collection."""
+    layout = layout or Layout()
     check_output_dir(out)  # before the model loads
-    lm = lm or load_model(cfg.model, cfg.dtype, cfg.device)
+    lm = lm or load_model(cfg.model, cfg.dtype, rank_device(cfg.device))
     check_context_length(lm.model, cfg.context_length)
     arch = lm.arch
     sites = parse_sites(cfg.sites, arch.n_layers)
@@ -48,41 +60,66 @@ def collect(cfg: CollectConfig, out: str | Path, progress: bool = True, lm: Load
     meta = {"model": cfg.model, "corpus": cfg.corpus, "seed": cfg.seed, "context_length": cfg.context_length,
             "model_dtype": str(lm.dtype).removeprefix("torch."), "tokens_requested": cfg.tokens,
             "code_version": __version__}
+    if layout.world > 1:
+        meta.update(world_size=layout.world, rank=layout.rank)
     documents = iter_documents(cfg.corpus, seed=cfg.seed)  # checks the corpus before anything is written
-    created = not Path(out).exists()
-    writer = ActivationStoreWriter.open(out, meta, {s.name: arch.site_dim(s) for s in sites}, store_dtype,
+    target = Path(out) if layout.world == 1 else rank_dir(out, layout.rank)
+    if layout.world > 1 and (Path(out) / MANIFEST_NAME).exists():
+        store = ActivationStore(out)
+        if int(store.meta.get("world_size", 1)) != layout.world:
+            raise RanklensError(f"{str(out)!r} holds a store collected by {store.meta.get('world_size', 1)} ranks; "
+                                f"this collection has {layout.world}: use the same world size or a new directory")
+        store.verify()
+        return store
+    created = not target.exists()
+    writer = ActivationStoreWriter.open(target, meta, {s.name: arch.site_dim(s) for s in sites}, store_dtype,
                                         shard_tokens=cfg.shard_tokens)
     reused = writer.complete
     try:
         if not reused:
-            _fill(writer, lm, sites, cfg, documents, progress)
+            _fill(writer, lm, sites, cfg, documents, progress and layout.main, layout)
     except RanklensError:
         if created and not writer.shards:  # e.g. an empty corpus: leave nothing half-written behind
             writer.close()
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
         raise
+    if layout.world > 1:
+        layout.barrier()
+        if layout.main:
+            merge_rank_stores(out, layout.world)
+        layout.barrier()
     store = ActivationStore(out)
     if reused:
         store.verify()  # a rerun on a finished store re-checks every shard's sha256 before anyone reads it
     return store
 
 
-def _fill(writer: ActivationStoreWriter, lm, sites, cfg: CollectConfig, documents, progress: bool) -> None:
-    docs_done = writer.docs_consumed
-    documents = itertools.islice(documents, docs_done, None)
-    bar = tqdm(total=cfg.tokens, initial=min(writer.n_tokens, cfg.tokens), unit="tok", desc="collect",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    tokens = writer.n_tokens
+def _fill(writer: ActivationStoreWriter, lm, sites, cfg: CollectConfig, documents, progress: bool,
+          layout: Layout) -> None:
+    """Run the model over this rank's batches (every batch in one process) until the corpus gives ``cfg.tokens``
+    tokens, skipping the batches already on disk. Batches are cut by tokenization alone, so every rank knows the
+    global count and which batches are its own without talking to the others."""
+    done_docs = writer.docs_consumed
+    bar = tqdm(total=cfg.tokens, unit="tok", desc="collect", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    tokens, docs = 0, 0
+    skip = layout.world == 1 and done_docs > 0  # one process: resume straight at its last shard's documents
+    if skip:
+        documents = itertools.islice(documents, done_docs, None)
+        tokens, docs = writer.n_tokens, done_docs
+    bar.update(min(tokens, cfg.tokens))
     with Capturer(lm.arch, sites) as capture:
-        for batch in token_batches(documents, lm.tokenizer, cfg.context_length, cfg.batch_tokens):
+        for i, batch in enumerate(token_batches(documents, lm.tokenizer, cfg.context_length, cfg.batch_tokens)):
             if tokens >= cfg.tokens:
                 break
-            acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
-            docs_done += batch.n_docs
-            writer.add({name: a.cpu() for name, a in acts.items()}, batch.lengths, batch.stat_mask,
-                       batch.input_ids, docs_consumed=docs_done)
+            docs += batch.n_docs
             tokens += batch.n_tokens
             bar.update(min(batch.n_tokens, cfg.tokens - bar.n))
+            if i % layout.world != layout.rank or docs <= done_docs and not skip:
+                continue  # another rank's batch, or one of ours already stored
+            acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
+            writer.add({name: a.cpu() for name, a in acts.items()}, batch.lengths, batch.stat_mask,
+                       batch.input_ids, docs_consumed=docs)
     bar.close()
     if tokens < cfg.tokens:
         print(f"warning: corpus {cfg.corpus!r} ran out after {tokens} tokens of the {cfg.tokens} requested",

@@ -231,10 +231,33 @@ def _read_manifest(directory: Path) -> _Manifest:
         ) from None
     if man.dtype not in _DTYPES:
         raise RanklensError(f"{path} has dtype {man.dtype!r}; expected one of {', '.join(_DTYPES)}")
+    merged = int(man.meta.get("world_size", 1)) > 1 and "rank" not in man.meta  # the manifest over rank stores
     for i, s in enumerate(shards):
-        if s.file != _shard_name(i):
+        ok = re.fullmatch(r"rank-\d+/shard-\d{6}\.safetensors", s.file) if merged else s.file == _shard_name(i)
+        if not ok:
             raise RanklensError(f"{path} lists shard {i} as {s.file!r}; expected {_shard_name(i)!r}")
     return man
+
+
+def rank_dir(directory: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` of a multi-rank collection writes its own store (its shards and manifest)."""
+    return Path(directory) / f"rank-{rank}"
+
+
+def merge_rank_stores(directory: str | Path, world_size: int) -> None:
+    """Write the one manifest of a store collected by ``world_size`` ranks: every rank's complete shards (by rank,
+    then in order; files ``rank-R/shard-N``), and the documents consumed by the furthest rank (where held-out text
+    begins). Any later job reads the result as one store."""
+    directory = Path(directory)
+    parts = [_read_manifest(rank_dir(directory, r)) for r in range(world_size)]
+    if not all(p.complete for p in parts):
+        raise RanklensError(f"{directory}: rank stores {[r for r, p in enumerate(parts) if not p.complete]} are not "
+                            "complete; rerun the collection with the same world size")
+    meta = {k: v for k, v in parts[0].meta.items() if k != "rank"}
+    shards = [ShardInfo(**{**s.to_json(), "file": f"rank-{r}/{s.file}"}) for r, p in enumerate(parts)
+              for s in p.shards]
+    _Manifest(meta=meta, sites=parts[0].sites, dtype=parts[0].dtype, shard_tokens=parts[0].shard_tokens,
+              shards=shards, complete=True, docs_consumed=max(p.docs_consumed for p in parts)).write(directory)
 
 
 def _check_shard_files(directory: Path, shards: Sequence[ShardInfo]) -> None:
