@@ -25,7 +25,7 @@ from ranklens.errors import RanklensError
 from ranklens.eval.config import LorsaEvalConfig, SAEEvalConfig
 from ranklens.reproduce.presets import PRESETS, ReproduceConfig
 from ranklens.spectrum.config import SpectrumConfig
-from ranklens.train.config import LorsaTrainConfig, SAETrainConfig
+from ranklens.train.config import LorsaTrainConfig, PlanConfig, SAETrainConfig
 from ranklens.version import __version__
 
 MODEL_HELP = "embedded model name (see `ranklens models`), Hugging Face id or local model directory"
@@ -154,6 +154,17 @@ def _cmd_train_sae(args: argparse.Namespace) -> None:
     print(f"SAE (SAELens layout): {Path(args.out) / 'sae'}; metrics: {Path(args.out) / 'metrics.json'}")
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from ranklens.lm.load import site_dimension
+    from ranklens.train.plan import describe_plan
+
+    cfg = _config(args, PlanConfig)
+    if cfg.world_size % cfg.shards:
+        raise RanklensError(f"--shards {cfg.shards} does not divide --world-size {cfg.world_size}")
+    d = cfg.d or site_dimension(cfg.model, cfg.site)
+    print(describe_plan(cfg, d, cfg.world_size, cfg.shards))
+
+
 def _cmd_eval_sae(args: argparse.Namespace) -> None:
     from ranklens.eval.jobs import eval_sae
 
@@ -271,6 +282,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                        "random-subspace init; Adam or SparseAdam; AuxK)", SAETrainConfig, _cmd_train_sae)
     _job(train, "lorsa", "train a Lorsa (low-rank sparse attention) replacing one attention layer (default, MHSA-QK "
                          "or ASI init; Adam or SparseAdam; AuxK)", LorsaTrainConfig, _cmd_train_lorsa)
+    _job(sub, "plan", "the memory per rank of a `train sae` config on a torchrun world (parameters, gradients, "
+                      "optimizer, activations, data), before renting devices", PlanConfig, _cmd_plan, out=False)
     evaluate = sub.add_parser("eval", help="evaluate a trained dictionary").add_subparsers(dest="what", required=True,
                                                                                          metavar="WHAT")
     p = _job(evaluate, "sae", "evaluate an SAE (a ranklens run, or a SAELens/LlamaScope directory) on held-out text",

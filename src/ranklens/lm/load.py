@@ -164,6 +164,25 @@ def max_positions(name: str) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def site_dimension(name: str, site: str) -> int:
+    """The dimension of a site of a model, from its config alone (no weights): d_model, n_heads * d_head for
+    attn_z, the MLP width for mlp_hidden."""
+    from transformers import AutoConfig
+
+    from ranklens.lm.sites import parse_sites
+
+    config = AutoConfig.from_pretrained(model_source(name))
+    config = getattr(config, "text_config", config)
+    (parsed,) = parse_sites(site, int(config.num_hidden_layers))
+    d_model = int(config.hidden_size)
+    if parsed.kind == "attn_z":
+        heads = int(config.num_attention_heads)
+        return heads * int(getattr(config, "head_dim", None) or d_model // heads)
+    if parsed.kind == "mlp_hidden":
+        return int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model)
+    return d_model
+
+
 def _auto_class(config):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 

@@ -142,3 +142,9 @@ class LorsaTrainConfig(TrainFields):
     group_chunk: int | None = Field(None, ge=1, description="QK groups per attention call (memory); default all")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (a killed run resumes there)")
     log_every: int = Field(10, gt=0, description="steps between rows of metrics.jsonl")
+
+
+class PlanConfig(SAETrainConfig):
+    world_size: int = Field(1, ge=1, description="torchrun ranks (all nodes), e.g. 8 for one node of 8 GPUs")
+    d: int | None = Field(None, ge=1, description="the site's dimension (default: read from the model's config, "
+                                                  "without loading weights)")
