@@ -331,6 +331,17 @@ class SparseAutoencoder(nn.Module):
         assert code.dense is not None
         return code.dense.to(self.W_D.dtype) @ self.W_D + self.b_D
 
+    @classmethod
+    def load(cls, directory: str, device: torch.device | str = "cpu") -> SparseAutoencoder:
+        """An SAE saved on disk: a `ranklens train sae` run directory (its sae/), or an SAE directory in the
+        SAELens or LlamaScope layout."""
+        from pathlib import Path
+
+        from ranklens.dictionaries.load import load_sae
+
+        d = Path(directory)
+        return load_sae(d / "sae" if (d / "sae").is_dir() else d, device)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Code]:
         """(x_hat with x's shape, code over the flattened rows)."""
         code = self.encode(x)

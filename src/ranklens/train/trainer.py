@@ -104,14 +104,19 @@ class Trainer:
     """Trains one dictionary. Under torchrun (``layout``) every rank runs one: the replicas of a block of features
     add their gradients (each computed on its share of the global batch against the batch's global normalizer),
     take the union of their active features and the sum of their tokens, so every replica makes the same update as
-    one process on the whole batch. Rank 0 writes the logs; the first replica of each block writes its checkpoint."""
+    one process on the whole batch. Rank 0 writes the logs; the first replica of each block writes its checkpoint.
 
-    def __init__(self, objective: Objective, settings: TrainSettings, run_dir: Path, progress: bool = True,
+    Without a ``run_dir`` (training in a notebook) nothing is written: no checkpoint, and the log rows are kept in
+    ``history`` ({"metrics": [...], "curve": [...]})."""
+
+    def __init__(self, objective: Objective, settings: TrainSettings, run_dir: Path | None, progress: bool = True,
                  layout: Layout | None = None) -> None:
         self.objective = objective
         self.settings = settings
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.history: dict[str, list[dict[str, Any]]] = {METRICS_NAME: [], CURVE_NAME: []}
         self.layout = layout or Layout()
         self.progress = progress and self.layout.main
         self.optimizer = make_optimizer(settings.optimizer, objective.param_spec(), lr=settings.lr,
@@ -131,6 +136,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write the state atomically, keeping the previous checkpoint beside it (the first replica of each block of
         features writes its block's checkpoint; the others wait, so no rank resumes from a half-saved step)."""
+        if self.run_dir is None:
+            return
         if self.layout.data_rank == 0:
             current, previous = self.checkpoint_files()[:2]
             if current.exists():
@@ -149,6 +156,8 @@ class Trainer:
     def load_checkpoint(self) -> bool:
         """Resume from the newest readable checkpoint (a damaged one is skipped with a message); then drop the log
         lines written after it, so a resumed run logs each step once. False when training starts from step 0."""
+        if self.run_dir is None:
+            return False
         loaded = False
         for path in (p for p in self.checkpoint_files() if p.exists()):
             try:
@@ -202,6 +211,9 @@ class Trainer:
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         if not self.layout.main:
+            return
+        if self.run_dir is None:
+            self.history[name].append(row)
             return
         with open(self.run_dir / name, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -325,8 +337,9 @@ class Trainer:
             print("warning: --wandb-project given but wandb is not installed; logging to metrics.jsonl only",
                   file=sys.stderr)
             return
-        self._wandb = wandb.init(project=self.settings.wandb_project, dir=str(self.run_dir), resume="allow",
-                                 id=self.run_dir.name)
+        self._wandb = wandb.init(project=self.settings.wandb_project, resume="allow",
+                                 **({} if self.run_dir is None else {"dir": str(self.run_dir),
+                                                                     "id": self.run_dir.name}))
 
 
 def remove_checkpoints(run_dir: str | Path) -> None:
