@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "ranklens"
 
 # From the floor up. Packages on one line do not import each other.
 LAYERS: list[list[str]] = [
-    ["errors", "allocator", "version"],
+    ["errors", "allocator", "version", "progress"],
     ["io", "linalg", "config", "lock"],
     ["rundir", "tensor_tree"],
     ["distributed"],

@@ -57,15 +57,31 @@ def test_context_too_short(minilm):
         list(token_sequences(["x"], minilm.tokenizer, context_length=2))
 
 
-def test_first_tokens_cuts_after_the_sequence_reaching_the_count(smollm2):
-    from ranklens.data.tokenize import first_tokens
+def _naive_first(batches, n, predictions):
+    """Row-major list of the (batch, row, position) counted positions, the first n of them."""
+    found = []
+    for b, batch in enumerate(batches):
+        stat = batch.stat_mask
+        for r in range(stat.shape[0]):
+            for t in range(stat.shape[1]):
+                counted = stat[r, t] and (not predictions or (t > 0 and stat[r, t - 1]))
+                if counted:
+                    found.append((b, r, t))
+    return found[:n]
+
+
+@pytest.mark.parametrize("predictions", [False, True])
+def test_first_tokens_delivers_exactly_n(smollm2, predictions):
+    from ranklens.data.tokenize import _prediction_targets, first_tokens
 
     batches = list(token_batches(DOCS * 4, smollm2.tokenizer, context_length=64, batch_tokens=512))
-    for n in (1, 10, 100, 150):
-        taken = first_tokens(iter(batches), n)
-        total = sum(b.n_tokens for b in taken)
-        last_row = int(taken[-1].stat_mask[-1].sum())
-        assert total >= n and total - last_row < n  # the last sequence is the one that reaches n
-        assert torch.equal(taken[0].input_ids, batches[0].input_ids[: len(taken[0].lengths), : taken[0].input_ids.shape[1]])
+    for n in (1, 10, 100, 150, 337):
+        taken = first_tokens(iter(batches), n, predictions=predictions)
+        counted = [_prediction_targets(b.stat_mask) if predictions else b.stat_mask for b in taken]
+        got = [(b, int(r), int(t)) for b, c in enumerate(counted) for r, t in c.nonzero().tolist()]
+        assert got == _naive_first(batches, n, predictions)  # exactly the first n, in corpus order
+        for b, batch in enumerate(taken):  # ids untouched: the model sees the same text
+            rows, width = batch.input_ids.shape
+            assert torch.equal(batch.input_ids, batches[b].input_ids[:rows, :width])
     everything = sum(b.n_tokens for b in batches)
     assert sum(b.n_tokens for b in first_tokens(iter(batches), 10**9)) == everything

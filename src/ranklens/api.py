@@ -26,13 +26,13 @@ from ranklens.dictionaries.lorsa import Lorsa
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.errors import RanklensError
 from ranklens.eval.metrics import ReconstructionMetrics
-from ranklens.linalg.accumulator import CovarianceAccumulator
+from ranklens.linalg.accumulator import accumulate
 from ranklens.linalg.basis import effective_rank as _effective_rank
 from ranklens.linalg.basis import singular_values
 from ranklens.lm.attention import mhsa_weights
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model, resolve_dtype
-from ranklens.spectrum.stats import spectrum_summary
+from ranklens.spectrum.stats import spectrum_of
 from ranklens.train.config import LorsaTrainConfig, SAETrainConfig
 from ranklens.train.dead import dead_window
 from ranklens.train.lorsa_job import build_lorsa, lorsa_config, resolve_layer
@@ -41,37 +41,15 @@ from ranklens.train.sae_job import build_sae, train_settings
 from ranklens.train.sae_objective import SAEObjective
 from ranklens.train.trainer import CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME, Trainer, TrainSettings
 
+spectrum = spectrum_of
+
 __all__ = ["capture", "effective_rank", "load_sae", "spectrum", "train_lorsa", "train_sae"]
-
-
-def _chunks(x: torch.Tensor | Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        yield x.reshape(-1, x.shape[-1])
-    else:
-        for chunk in x:
-            yield chunk.reshape(-1, chunk.shape[-1])
-
-
-def _accumulate(x: torch.Tensor | Iterable[torch.Tensor]) -> CovarianceAccumulator:
-    acc = None
-    for chunk in _chunks(x):
-        acc = acc or CovarianceAccumulator(chunk.shape[-1])
-        acc.update(chunk)
-    if acc is None or acc.n == 0:
-        raise RanklensError("no activations given; expected a tensor [n, d] or an iterable of such chunks")
-    return acc
 
 
 def effective_rank(x: torch.Tensor | Iterable[torch.Tensor]) -> float:
     """The effective rank (Roy & Vetterli; the paper's Definition 4.1) of the mean-centered activations x [n, d], or
     of a stream of [m, d] chunks (accumulated in float64, never stacked)."""
-    return _effective_rank(singular_values(_accumulate(x)))
-
-
-def spectrum(x: torch.Tensor | Iterable[torch.Tensor]) -> dict[str, Any]:
-    """The spectrum record `ranklens spectrum` writes for a site (effective rank and its fraction, the share of
-    singular values above 1% of the largest, singular values, cumulative variance, ...), for activations x."""
-    return spectrum_summary(_accumulate(x))
+    return _effective_rank(singular_values(accumulate(x)))
 
 
 def _model(model: str | LoadedModel, dtype: str = "auto", device: str = "cpu") -> LoadedModel:

@@ -23,6 +23,7 @@ from ranklens.dashboard.config import DashboardConfig, ServeConfig
 from ranklens.data.config import CollectConfig
 from ranklens.errors import RanklensError
 from ranklens.eval.config import LorsaEvalConfig, SAEEvalConfig
+from ranklens.report.console import dictionary_table
 from ranklens.reproduce.presets import PRESETS, ReproduceConfig
 from ranklens.spectrum.config import SpectrumConfig
 from ranklens.train.config import LorsaTrainConfig, PlanConfig, SAETrainConfig
@@ -144,14 +145,13 @@ def _cmd_train_sae(args: argparse.Namespace) -> None:
     if not main or not metrics:
         return
     if cfg.sites is not None:
-        for name, m in metrics["members"].items():
-            print(f"{Path(args.out) / name}: fvu {m['fvu']:.4f}, l0 {m['l0']:.1f}, train_dead {m['train_dead']} "
-                  f"(window {m['dead_window_tokens']:,} tokens)")
-        print(f"{len(metrics['members'])} SAEs (SAELens layout in each DIR/<member>/sae); summary: "
+        members = [{"member": name, **m} for name, m in metrics["members"].items()]
+        print(dictionary_table(members, label="member"))
+        print(f"{len(members)} SAEs (SAELens layout in each {args.out}/<member>/sae); every metric: "
               f"{Path(args.out) / 'group.json'}")
         return
-    print(json.dumps(metrics, indent=1))
-    print(f"SAE (SAELens layout): {Path(args.out) / 'sae'}; metrics: {Path(args.out) / 'metrics.json'}")
+    print(dictionary_table(metrics))
+    print(f"SAE (SAELens layout): {Path(args.out) / 'sae'}; every metric: {Path(args.out) / 'metrics.json'}")
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -168,7 +168,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 def _cmd_eval_sae(args: argparse.Namespace) -> None:
     from ranklens.eval.jobs import eval_sae
 
-    print(json.dumps(eval_sae(args.directory, _config(args, SAEEvalConfig)), indent=1))
+    cfg = _config(args, SAEEvalConfig)
+    print(dictionary_table(eval_sae(args.directory, cfg, progress=not args.quiet)))
+    print(f"every metric: {cfg.results or Path(args.directory) / 'eval.json'}")
 
 
 def _cmd_train_lorsa(args: argparse.Namespace) -> None:
@@ -185,14 +187,16 @@ def _cmd_train_lorsa(args: argparse.Namespace) -> None:
             shutdown()
     if not main:
         return
-    print(json.dumps(metrics, indent=1))
-    print(f"Lorsa: {Path(args.out) / 'lorsa'}; metrics: {Path(args.out) / 'metrics.json'}")
+    print(dictionary_table(metrics))
+    print(f"Lorsa: {Path(args.out) / 'lorsa'}; every metric: {Path(args.out) / 'metrics.json'}")
 
 
 def _cmd_eval_lorsa(args: argparse.Namespace) -> None:
     from ranklens.eval.jobs import eval_lorsa
 
-    print(json.dumps(eval_lorsa(args.directory, _config(args, LorsaEvalConfig)), indent=1))
+    cfg = _config(args, LorsaEvalConfig)
+    print(dictionary_table(eval_lorsa(args.directory, cfg, progress=not args.quiet)))
+    print(f"every metric: {cfg.results or Path(args.directory) / 'eval.json'}")
 
 
 def _cmd_zpattern(args: argparse.Namespace) -> None:
@@ -206,7 +210,8 @@ def _cmd_zpattern(args: argparse.Namespace) -> None:
 def _cmd_lorsa_top(args: argparse.Namespace) -> None:
     from ranklens.analysis.lorsa_jobs import run_lorsa_top
 
-    print(f"top activations and attribution: {run_lorsa_top(args.directory, _config(args, LorsaTopConfig))}")
+    out = run_lorsa_top(args.directory, _config(args, LorsaTopConfig), progress=not args.quiet)
+    print(f"top activations and attribution: {out}")
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> None:

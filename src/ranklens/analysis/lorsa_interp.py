@@ -17,13 +17,14 @@ import torch
 from ranklens.analysis.lorsa_attribution import HeadAttribution
 from ranklens.analysis.top_activations import TopActivations, context_windows
 from ranklens.data.corpus import HeldOutSource
-from ranklens.data.tokenize import SpecialTokens, first_tokens, token_batches
+from ranklens.data.tokenize import SpecialTokens, take_tokens
 from ranklens.dictionaries.lorsa import Lorsa
 from ranklens.errors import RanklensError
-from ranklens.eval.held_out import EVAL_BATCH_TOKENS
+from ranklens.eval.held_out import eval_batches
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel
 from ranklens.lm.sites import per_head_outputs
+from ranklens.progress import progress_bar
 
 __all__ = ["interpret", "z_pattern_record"]
 
@@ -65,7 +66,7 @@ def z_pattern_record(lorsa: Lorsa, lm: LoadedModel, layer: int, text: str, head:
 
 @torch.no_grad()
 def interpret(lorsa: Lorsa, lm: LoadedModel, layer: int, source: HeldOutSource, tokens: int, n_top: int = 16,
-              window: tuple[int, int] = (12, 4), attribution: bool = True) -> dict:
+              window: tuple[int, int] = (12, 4), attribution: bool = True, progress: bool = False) -> dict:
     """Top activations of every head over `tokens` ordinary tokens of `source` (and their attribution to the MHSA
     heads): {"top_activations": ..., "attribution": ... or None}."""
     arch = lm.arch
@@ -75,8 +76,8 @@ def interpret(lorsa: Lorsa, lm: LoadedModel, layer: int, source: HeldOutSource, 
     top = TopActivations(lorsa.n_heads, n_top, window[0] + 1 + window[1])
     attr = HeadAttribution(lorsa.n_heads, arch.n_heads) if attribution else None
     seen, sequences = 0, 0
-    batches = token_batches(source.documents(), lm.tokenizer, source.context_length, EVAL_BATCH_TOKENS)
-    for batch in first_tokens(batches, tokens):
+    bar = progress_bar(tokens, "lorsa-top", enabled=progress)
+    for batch in take_tokens(eval_batches(lm, source), tokens):
         ids, real = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
         acts = capture(ids, real)
         out = lorsa(acts[sites[0]].to(lorsa.W_V.dtype), _mask_for(lorsa, real))
@@ -90,6 +91,8 @@ def interpret(lorsa: Lorsa, lm: LoadedModel, layer: int, source: HeldOutSource, 
             attr.update(heads, out.values[sel], out.indices[sel], lorsa.W_O.detach())
         seen += batch.n_tokens
         sequences += B
+        bar.update(batch.n_tokens)
+    bar.close()
     vocab = lm.tokenizer
     heads = []
     for h in range(lorsa.n_heads):

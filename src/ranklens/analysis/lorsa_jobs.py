@@ -25,13 +25,13 @@ def run_zpattern(directory: str | Path, cfg: ZPatternConfig) -> dict:
     return record
 
 
-def run_lorsa_top(directory: str | Path, cfg: LorsaTopConfig) -> Path:
+def run_lorsa_top(directory: str | Path, cfg: LorsaTopConfig, progress: bool = False) -> Path:
     """Writes top_activations.json (and attribution.json) to the output directory and returns it."""
     lorsa, meta, run_dir = open_lorsa(directory, cfg.device)
     lm = load_model(cfg.model or meta["model"], cfg.dtype, cfg.device)
     source = lorsa_text(meta, run_dir, lm, corpus=cfg.corpus, seed=cfg.seed, context_length=cfg.context_length)
     result = interpret(lorsa, lm, int(meta["layer"]), source, cfg.tokens, cfg.n_top, (cfg.before, cfg.after),
-                       cfg.attribution)
+                       cfg.attribution, progress=progress)
     out = Path(cfg.output) if cfg.output else Path(directory) / "interp"
     atomic_write_json(out / TOP_NAME, result["top_activations"])
     if result["attribution"] is not None:

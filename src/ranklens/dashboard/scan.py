@@ -25,11 +25,11 @@ from ranklens.analysis.lorsa_attribution import HeadAttribution
 from ranklens.dashboard.stats import FeatureStats
 from ranklens.data.corpus import HeldOutSource
 from ranklens.data.sequences import lorsa_sites
-from ranklens.data.tokenize import TokenBatch, token_batches
+from ranklens.data.tokenize import TokenBatch
 from ranklens.dictionaries.lorsa import Lorsa
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.errors import RanklensError
-from ranklens.eval.held_out import EVAL_BATCH_TOKENS
+from ranklens.eval.held_out import eval_batches
 from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel
@@ -105,7 +105,7 @@ class Scan:
 def _batches(lm: LoadedModel, source: HeldOutSource, tokens: int):
     """Token batches of the text, the last one's ordinary tokens cut so that exactly ``tokens`` are kept."""
     kept = 0
-    for batch in token_batches(source.documents(), lm.tokenizer, source.context_length, EVAL_BATCH_TOKENS):
+    for batch in eval_batches(lm, source):
         stat = batch.stat_mask.clone()
         order = stat.reshape(-1).cumsum(0).reshape(stat.shape)
         stat &= order <= tokens - kept

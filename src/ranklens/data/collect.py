@@ -23,7 +23,7 @@ from ranklens.data.store import (
     merge_rank_stores,
     rank_dir,
 )
-from ranklens.data.tokenize import token_batches
+from ranklens.data.tokenize import take_tokens, token_batches
 from ranklens.distributed import Layout, rank_device
 from ranklens.errors import RanklensError
 from ranklens.lm.capture import Capturer
@@ -96,8 +96,8 @@ def collect(cfg: CollectConfig, out: str | Path, progress: bool = True, lm: Load
 
 def _fill(writer: ActivationStoreWriter, lm, sites, cfg: CollectConfig, documents, progress: bool,
           layout: Layout) -> None:
-    """Run the model over this rank's batches (every batch in one process) until the corpus gives ``cfg.tokens``
-    tokens, skipping the batches already on disk. Batches are cut by tokenization alone, so every rank knows the
+    """Run the model over this rank's batches (every batch in one process) until the corpus gives exactly
+    ``cfg.tokens`` tokens (the last sequence's surplus positions are stored but not counted), skipping the batches already on disk. Batches are cut by tokenization alone, so every rank knows the
     global count and which batches are its own without talking to the others."""
     done_docs = writer.docs_consumed
     bar = tqdm(total=cfg.tokens, unit="tok", desc="collect", disable=not progress, file=sys.stderr,
@@ -109,9 +109,8 @@ def _fill(writer: ActivationStoreWriter, lm, sites, cfg: CollectConfig, document
         tokens, docs = writer.n_tokens, done_docs
     bar.update(min(tokens, cfg.tokens))
     with Capturer(lm.arch, sites) as capture:
-        for i, batch in enumerate(token_batches(documents, lm.tokenizer, cfg.context_length, cfg.batch_tokens)):
-            if tokens >= cfg.tokens:
-                break
+        batches = token_batches(documents, lm.tokenizer, cfg.context_length, cfg.batch_tokens)
+        for i, batch in enumerate(take_tokens(batches, cfg.tokens - tokens)):  # exactly --tokens, the last cut
             docs += batch.n_docs
             tokens += batch.n_tokens
             bar.update(min(batch.n_tokens, cfg.tokens - bar.n))

@@ -119,23 +119,46 @@ def _pad(sequences: list[list[int]], special: SpecialTokens, n_docs: int) -> Tok
     return TokenBatch(input_ids, attention_mask, stat_mask, lengths, n_docs)
 
 
-def first_tokens(batches: Iterable[TokenBatch], n_tokens: int) -> list[TokenBatch]:
-    """The leading whole sequences of `batches` that hold at least `n_tokens` tokens (fewer if they run out).
+def first_tokens(batches: Iterable[TokenBatch], n_tokens: int, *, predictions: bool = False) -> list[TokenBatch]:
+    """``take_tokens`` as a list."""
+    return list(take_tokens(batches, n_tokens, predictions=predictions))
 
-    The last batch is cut after the sequence that reaches the count, so held-out sets are as large as asked,
-    not as large as a batch happens to be.
+
+def take_tokens(batches: Iterable[TokenBatch], n_tokens: int, *, predictions: bool = False) -> Iterator[TokenBatch]:
+    """The leading sequences of `batches` that hold exactly `n_tokens` tokens (fewer only if they run out).
+
+    With ``predictions`` the count is of next-token predictions, the pairs (t, t+1) of counted positions the LM
+    loss scores, so ``--lm-eval-tokens N`` scores N predictions. The last batch is cut after the sequence that
+    reaches the count, and that sequence's positions past the count leave ``stat_mask`` (the model still sees
+    them, so no activation before them changes, encoders included).
     """
-    out: list[TokenBatch] = []
     seen = 0
     for batch in batches:
-        per_row = batch.stat_mask.sum(1)
-        needed = int(torch.searchsorted(per_row.cumsum(0), n_tokens - seen)) + 1
-        if needed < len(per_row):
-            width = int(batch.lengths[:needed].max())
-            batch = TokenBatch(batch.input_ids[:needed, :width], batch.attention_mask[:needed, :width],
-                               batch.stat_mask[:needed, :width], batch.lengths[:needed], batch.n_docs)
-        out.append(batch)
-        seen += batch.n_tokens
         if seen >= n_tokens:
-            break
-    return out
+            return
+        counted = _prediction_targets(batch.stat_mask) if predictions else batch.stat_mask
+        cumulative = counted.sum(1).cumsum(0)
+        need = n_tokens - seen
+        if int(cumulative[-1]) > need:
+            rows = int(torch.searchsorted(cumulative, need)) + 1  # the first row whose count reaches `need`
+            width = int(batch.lengths[:rows].max())
+            keep = need - (int(cumulative[rows - 2]) if rows > 1 else 0)  # counted positions wanted from that row
+            stat = batch.stat_mask[:rows, :width].clone()
+            last = int(counted[rows - 1].nonzero()[keep - 1, 0])
+            stat[rows - 1, last + 1:] = False
+            batch = TokenBatch(batch.input_ids[:rows, :width], batch.attention_mask[:rows, :width], stat,
+                               batch.lengths[:rows], batch.n_docs)
+        yield batch
+        seen += int((_prediction_targets(batch.stat_mask) if predictions else batch.stat_mask).sum())
+
+
+def lm_predictions(batches: Iterable[TokenBatch]) -> int:
+    """The next-token predictions the LM loss scores over `batches` (see ``take_tokens``)."""
+    return sum(int(_prediction_targets(b.stat_mask).sum()) for b in batches)
+
+
+def _prediction_targets(stat_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True at position t+1 where (t, t+1) is a scored next-token pair (both positions counted)."""
+    targets = torch.zeros_like(stat_mask)
+    targets[:, 1:] = stat_mask[:, :-1] & stat_mask[:, 1:]
+    return targets

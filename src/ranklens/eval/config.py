@@ -39,7 +39,12 @@ def eval_tokens_field():
 
 
 def lm_eval_tokens_field():
-    return Field(16_384, ge=0, description="held-out tokens for the spliced LM loss (0: skip it)")
+    return Field(16_384, ge=0, description="held-out next-token predictions scored by the spliced LM loss (0: skip "
+                                           "it)")
+
+
+def results_field():
+    return Field(None, description="write the results (JSON) to this file (default: DIR/eval.json)")
 
 
 class SAEEvalConfig(Config):
@@ -53,6 +58,7 @@ class SAEEvalConfig(Config):
     context_length: int | None = context_field()
     dtype: str = dtype_field()
     device: str = device_field()
+    results: str | None = results_field()
 
 
 class LorsaEvalConfig(Config):
@@ -64,3 +70,4 @@ class LorsaEvalConfig(Config):
     context_length: int | None = context_field()
     dtype: str = dtype_field()
     device: str = device_field()
+    results: str | None = results_field()

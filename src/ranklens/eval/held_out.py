@@ -17,12 +17,12 @@ dimensional-collapse paper).
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ranklens.data.corpus import HeldOutSource
-from ranklens.data.tokenize import first_tokens, token_batches
+from ranklens.data.tokenize import TokenBatch, first_tokens, lm_predictions, take_tokens, token_batches
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.errors import RanklensError
 from ranklens.eval.lm_loss import cross_entropies, layer_inputs, spliced_metrics, zero_ablation
@@ -30,35 +30,39 @@ from ranklens.eval.metrics import ReconstructionMetrics
 from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel
 from ranklens.lm.sites import Site
+from ranklens.progress import progress_bar
 
 EVAL_BATCH_TOKENS = 8192  # padded positions per forward pass
+
+
+def eval_batches(lm: LoadedModel, source: HeldOutSource) -> Iterator[TokenBatch]:
+    """The held-out text of `source` as padded batches, from its start."""
+    return token_batches(source.documents(), lm.tokenizer, source.context_length, EVAL_BATCH_TOKENS)
 
 
 class HeldOutSet:
     """The shared part of evaluating dictionaries at `sites` on the held-out text of `source`."""
 
     def __init__(self, lm: LoadedModel, sites: Sequence[str], source: HeldOutSource, eval_tokens: int,
-                 lm_eval_tokens: int) -> None:
+                 lm_eval_tokens: int, progress: bool = False) -> None:
         self.lm = lm
+        self.progress = progress
         self.arch = lm.arch
         self.source = source
         self.eval_tokens = eval_tokens
         self.lm_eval_tokens = lm_eval_tokens
         parsed = [self.arch.site(s) for s in sites]
         self.sites = tuple(s.name for s in parsed)
-        batches = first_tokens(token_batches(source.documents(), lm.tokenizer, source.context_length,
-                                             EVAL_BATCH_TOKENS), max(eval_tokens, lm_eval_tokens))
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.sites}
         capture = Capturer(lm.arch, parsed)
-        seen = 0
-        for batch in batches:
-            if seen >= eval_tokens:
-                break
-            acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
-            for name in self.sites:
-                self._rows[name].append(acts[name][batch.stat_mask.to(lm.device)][: eval_tokens - seen])
-            seen += self._rows[self.sites[0]][-1].shape[0]
-        self.lm_batches = first_tokens(iter(batches), lm_eval_tokens) if self.arch.causal else []
+        with progress_bar(eval_tokens, "held-out activations", enabled=progress) as bar:
+            for batch in take_tokens(eval_batches(lm, source), eval_tokens):
+                acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
+                for name in self.sites:
+                    self._rows[name].append(acts[name][batch.stat_mask.to(lm.device)])
+                bar.update(batch.n_tokens)
+        # The same text from its start, cut at lm_eval_tokens scored next-token predictions.
+        self.lm_batches = first_tokens(eval_batches(lm, source), lm_eval_tokens, predictions=True) if self.arch.causal else []
         self._prefixes: dict[int, list[torch.Tensor | None]] = {}  # per layer: its input for every LM batch
         self._baselines: dict[str, dict[str, float]] = {}
 
@@ -73,7 +77,7 @@ class HeldOutSet:
         if parsed.layer not in self._prefixes:
             self._prefixes[parsed.layer] = layer_inputs(self.lm.model, self.arch, self.lm_batches, parsed)
         return cross_entropies(self.lm.model, self.arch, self.lm_batches, parsed, replacements,
-                               prefixes=self._prefixes[parsed.layer])
+                               prefixes=self._prefixes[parsed.layer], progress=self.progress)
 
     def _baseline(self, site: str) -> dict[str, float]:
         """Clean CE (once per layer: it runs the same layers from the same input for every site of a layer) and
@@ -115,5 +119,5 @@ class HeldOutSet:
         base = self._baseline(site)
         spliced = self._cross_entropies(site, {"spliced": reconstruct})["spliced"]
         result.update(spliced_metrics(base["clean"], spliced, base["zero"]),
-                      lm_eval_tokens=sum(b.n_tokens for b in self.lm_batches))
+                      lm_eval_tokens=lm_predictions(self.lm_batches))
         return result

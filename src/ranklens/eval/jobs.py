@@ -2,8 +2,8 @@
 
 A ranklens run directory is evaluated on its own held-out documents (those after its training data, recorded at
 training) unless ``--corpus`` asks for other text; an SAELens or LlamaScope directory (with ``--model`` and
-``--site``) or a bare Lorsa directory is evaluated on ``--corpus`` in ``--seed`` order. The results are printed and
-written beside the dictionary (DIR/eval.json; for a bare directory, only printed).
+``--site``) or a bare Lorsa directory is evaluated on ``--corpus`` in ``--seed`` order. The results are printed as a
+table and written as JSON to DIR/eval.json (or ``--results FILE``, e.g. for a read-only directory).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ EVAL_NAME = "eval.json"
 RUN_SAE_DIR = "sae"  # where `ranklens train sae` saves its SAE inside a run directory
 
 
-def eval_sae(directory: str | Path, cfg: SAEEvalConfig) -> dict[str, Any]:
+def eval_sae(directory: str | Path, cfg: SAEEvalConfig, progress: bool = False) -> dict[str, Any]:
     """Evaluate a ranklens SAE run directory, or any SAELens / LlamaScope SAE directory, on held-out text."""
     directory = Path(directory)
     run = read_run_config(directory, "train-sae") if (directory / RUN_SAE_DIR).is_dir() else None
@@ -48,22 +48,21 @@ def eval_sae(directory: str | Path, cfg: SAEEvalConfig) -> dict[str, Any]:
                            default_corpus=(run or {}).get("corpus", "default"),
                            default_context=(run or {}).get("context_length", DEFAULT_CONTEXT_LENGTH))
     site_name = lm.arch.site(site).name
-    result = HeldOutSet(lm, [site_name], source, cfg.eval_tokens, cfg.lm_eval_tokens).evaluate(sae, site_name)
+    held_out = HeldOutSet(lm, [site_name], source, cfg.eval_tokens, cfg.lm_eval_tokens, progress=progress)
+    result = held_out.evaluate(sae, site_name)
     result = {"held_out": source.to_json(), "config": cfg.model_dump(mode="json"), **result}
-    if run is not None:
-        atomic_write_json(directory / EVAL_NAME, result)
+    atomic_write_json(cfg.results or directory / EVAL_NAME, result)
     return result
 
 
-def eval_lorsa(directory: str | Path, cfg: LorsaEvalConfig) -> dict[str, Any]:
+def eval_lorsa(directory: str | Path, cfg: LorsaEvalConfig, progress: bool = False) -> dict[str, Any]:
     """Evaluate a `train lorsa` run directory (on its held-out documents) or a saved Lorsa directory."""
     lorsa, meta, run_dir = open_lorsa(directory, cfg.device)
     lm = load_model(cfg.model or meta["model"], cfg.dtype, cfg.device)
     source = lorsa_text(meta, run_dir, lm, corpus=cfg.corpus, seed=cfg.seed, context_length=cfg.context_length)
-    result = evaluate_lorsa(lorsa, lm, int(meta["layer"]), source, cfg.eval_tokens, cfg.lm_eval_tokens)
+    result = evaluate_lorsa(lorsa, lm, int(meta["layer"]), source, cfg.eval_tokens, cfg.lm_eval_tokens, progress)
     result = {"held_out": source.to_json(), "config": cfg.model_dump(mode="json"), **result}
-    if run_dir is not None:
-        atomic_write_json(run_dir / EVAL_NAME, result)
+    atomic_write_json(cfg.results or Path(directory) / EVAL_NAME, result)
     return result
 
 

@@ -25,6 +25,7 @@ from ranklens.errors import RanklensError
 from ranklens.lm.capture import Capturer
 from ranklens.lm.sites import Architecture, Site
 from ranklens.lm.splice import RowMap, SequenceSplice, replace_site, skip_prefix
+from ranklens.progress import progress_bar
 
 _LOGIT_CHUNK = 2048  # positions per LM-head matmul
 
@@ -79,7 +80,7 @@ def layer_inputs(model: torch.nn.Module, arch: Architecture, batches: Sequence[T
 
 def cross_entropies(model: torch.nn.Module, arch: Architecture, batches: Iterable[TokenBatch], site: Site | None,
                     replacements: Mapping[str, RowMap | SequenceSplice | None],
-                    prefixes: Sequence[torch.Tensor | None] | None = None) -> dict[str, float]:
+                    prefixes: Sequence[torch.Tensor | None] | None = None, progress: bool = False) -> dict[str, float]:
     """Mean CE for each named replacement of `site` (None = the clean model), over the same batches. A replacement
     is a RowMap of the site's own rows or a `SequenceSplice` (computed from another site of the same forward).
 
@@ -94,7 +95,8 @@ def cross_entropies(model: torch.nn.Module, arch: Architecture, batches: Iterabl
     if prefixes is None:
         prefixes = layer_inputs(model, arch, batches, site)
     result: dict[str, float] = {}
-    with torch.inference_mode():
+    bar = progress_bar(len(replacements) * len(batches), "LM loss", unit="batch", enabled=progress)
+    with torch.inference_mode(), bar:
         for name, fn in replacements.items():
             total, count = 0.0, 0
             for batch, prefix in zip(batches, prefixes, strict=True):
@@ -102,6 +104,7 @@ def cross_entropies(model: torch.nn.Module, arch: Architecture, batches: Iterabl
                 with skip, _splice(arch, site, fn, batch):
                     s, c = _sum_ce(model, arch, batch)
                 total, count = total + s, count + c
+                bar.update(1)
             if count == 0:
                 raise RanklensError("no token pairs to evaluate the LM loss on; expected held-out text with at "
                                     "least two ordinary tokens per sequence")
@@ -122,7 +125,8 @@ def spliced_metrics(ce_clean: float, ce_spliced: float, ce_zero: float) -> dict[
 
 
 def spliced_lm_loss(model: torch.nn.Module, arch: Architecture, batches: Iterable[TokenBatch], site: Site,
-                    fn: RowMap | SequenceSplice) -> dict[str, float]:
+                    fn: RowMap | SequenceSplice, progress: bool = False) -> dict[str, float]:
     """Clean, spliced and zero-ablated CE at `site`, and the derived Delta LM loss and loss recovered."""
-    ce = cross_entropies(model, arch, batches, site, {"clean": None, "spliced": fn, "zero": zero_ablation})
+    ce = cross_entropies(model, arch, batches, site, {"clean": None, "spliced": fn, "zero": zero_ablation},
+                         progress=progress)
     return spliced_metrics(ce["clean"], ce["spliced"], ce["zero"])

@@ -484,3 +484,15 @@ def _as_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value < 0:
         raise RanklensError(f"accumulator state '{name}'={value!r}: expected an integer count >= 0")
     return int(value)
+
+
+def accumulate(x: torch.Tensor | Iterable[torch.Tensor]) -> CovarianceAccumulator:
+    """The accumulator of activations x [..., d], or of a stream of such chunks (never stacked)."""
+    acc = None
+    for chunk in [x] if isinstance(x, torch.Tensor) else x:
+        rows = chunk.reshape(-1, chunk.shape[-1])
+        acc = acc or CovarianceAccumulator(rows.shape[-1])
+        acc.update(rows)
+    if acc is None or acc.n == 0:
+        raise RanklensError("no activations given; expected a tensor [n, d] or an iterable of such chunks")
+    return acc

@@ -1,6 +1,6 @@
 """The spectrum of activation sites (paper Section 4): the `ranklens spectrum` job, its statistics and figures.
 
-The package is also the notebook function ``ranklens.spectrum(x)`` (``ranklens.api.spectrum``): a package and a
+The package is also the notebook function ``ranklens.spectrum(x)`` (``ranklens.spectrum.stats.spectrum_of``): a package and a
 function cannot share the name ``ranklens.spectrum`` otherwise, so the module is made callable.
 """
 
@@ -10,9 +10,9 @@ import types
 
 class _CallableModule(types.ModuleType):
     def __call__(self, x):
-        from ranklens.api import spectrum
+        from ranklens.spectrum.stats import spectrum_of
 
-        return spectrum(x)
+        return spectrum_of(x)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -6,13 +6,13 @@ Section 4.4 variance decomposition.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from ranklens.errors import RanklensError
-from ranklens.linalg.accumulator import CovarianceAccumulator
+from ranklens.linalg.accumulator import CovarianceAccumulator, accumulate
 from ranklens.linalg.basis import checked_singular_values, effective_rank, singular_values, symmetrize
 
 __all__ = [
@@ -73,6 +73,13 @@ def spectrum_summary(acc: CovarianceAccumulator, *, rtol: float | None = None) -
 
 
 # --------------------------------------------------------------------------- stability (Appendix C)
+
+
+def spectrum_of(x: torch.Tensor | Iterable[torch.Tensor]) -> dict[str, Any]:
+    """The spectrum record `ranklens spectrum` writes for a site (effective rank and its fraction, the share of
+    singular values above 1% of the largest, singular values, cumulative variance, ...), for activations x [n, d] or
+    a stream of such chunks. It is also ``ranklens.spectrum(x)``."""
+    return spectrum_summary(accumulate(x))
 
 
 def coefficient_of_variation(values: torch.Tensor | Sequence[Any], ddof: int = 0) -> torch.Tensor:

@@ -158,6 +158,20 @@ def _shares(source, layout: Layout):
     return batches
 
 
+def lorsa_notes(result: dict, cfg: LorsaTrainConfig) -> list[str]:
+    """What a person should know about a finished Lorsa run: tokens short of --tokens, and an FVU above 1 (worse than
+    predicting the target's mean)."""
+    notes = []
+    if result["tokens"] < cfg.tokens:
+        notes.append(f"note: trained on {result['tokens']:,} of the {cfg.tokens:,} tokens asked: {result['steps']} "
+                     f"batches of whole sequences holding at least {cfg.batch_tokens:,} tokens each fit in --tokens")
+    if result["fvu"] > 1:
+        notes.append(f"warning: held-out FVU {result['fvu']:.3f} is above 1: the Lorsa predicts the attention output "
+                     f"worse than its mean does. Short runs cannot move the output bias to the mean (norm ~20 on "
+                     f"SmolLM2): train longer, or start it there (--output-bias mean)")
+    return notes
+
+
 def _train(cfg: LorsaTrainConfig, out: Path, lm: LoadedModel, layer: int, w: MHSAWeights, progress: bool,
            layout: Layout) -> dict:
     """Open the data, build, train, evaluate and write, in the locked run directory."""
@@ -191,7 +205,9 @@ def _train(cfg: LorsaTrainConfig, out: Path, lm: LoadedModel, layer: int, w: MHS
               "tokens": int(trainer.tracker.tokens_seen), "steps": source.total_steps, "optimizer": cfg.optimizer,
               "aux_k": cfg.aux_k, "train_dead": train_dead, "train_dead_fraction": train_dead / lorsa.n_heads,
               "dead_window_tokens": window, "source": cfg.source, "held_out": held_out.to_json()}
-    result.update(evaluate_lorsa(lorsa, lm, layer, held_out, cfg.eval_tokens, cfg.lm_eval_tokens))
+    result.update(evaluate_lorsa(lorsa, lm, layer, held_out, cfg.eval_tokens, cfg.lm_eval_tokens, progress))
+    for message in lorsa_notes(result, cfg):
+        print(f"ranklens: {message}", file=sys.stderr)
 
     save_lorsa(lorsa, out / LORSA_DIR, model=cfg.model, layer=layer, context_length=held_out.context_length,
                corpus=held_out.corpus, held_out=held_out.to_json(), ranklens_config=cfg.model_dump(mode="json"),

@@ -94,7 +94,8 @@ def train_sae_group(cfg: SAETrainConfig, out: str | Path, progress: bool = True,
             held_text = first.held_out
             sources = {s.name: _View(stream, s.name, first.total_steps, held_text) for s in sites}
             batches = stream
-        held_out = HeldOutSet(lm, [s.name for s in sites], held_text, cfg.eval_tokens, cfg.lm_eval_tokens)
+        held_out = HeldOutSet(lm, [s.name for s in sites], held_text, cfg.eval_tokens, cfg.lm_eval_tokens,
+                              progress=progress)
         results: dict[str, Any] = {}
         runs: dict[str, SAERun] = {}
         for name, site, single in planned:

@@ -128,6 +128,9 @@ def train_settings(cfg: SAETrainConfig, total_steps: int, window: int, site: str
     warmup, warning = capped_warmup(cfg.warmup_steps, total_steps)
     if warning:
         print(f"ranklens: warning: {warning}", file=sys.stderr)
+    if total_steps * cfg.batch_size < cfg.tokens:  # said once, before training
+        print(f"ranklens: note: training on {total_steps * cfg.batch_size:,} of the {cfg.tokens:,} tokens asked: "
+              f"{total_steps} whole batches of {cfg.batch_size}", file=sys.stderr)
     return TrainSettings(total_steps=total_steps, lr=cfg.lr, optimizer=cfg.optimizer,
                          bias_correction=cfg.bias_correction, warmup_steps=warmup, k=_k(cfg), k_initial=cfg.k_initial,
                          k_anneal_fraction=cfg.k_anneal_fraction, dead_window_tokens=window,
@@ -187,7 +190,7 @@ def _train(cfg: SAETrainConfig, out: Path, lm: LoadedModel, site: Site, progress
                         batch_size=cfg.batch_size, buffer_tokens=cfg.shuffle_buffer_tokens,
                         chunk_tokens=cfg.stream_chunk_tokens, dtype=cfg.dtype, device=cfg.device, progress=progress)
     if layout.main:
-        held_out = _held_out_set(cfg, lm, site.name, source, held_out)  # also checks the corpus is long enough
+        held_out = _held_out_set(cfg, lm, site.name, source, held_out, progress)  # also checks the corpus is long enough
     run = SAERun.build(cfg, out, lm, site, source, held_out, progress, layout)
     rows = layout.split(cfg.batch_size, "--batch-size")
 
@@ -259,9 +262,10 @@ class SAERun:
         return result
 
 
-def _held_out_set(cfg: SAETrainConfig, lm: LoadedModel, site: str, source, given: HeldOutSet | None) -> HeldOutSet:
+def _held_out_set(cfg: SAETrainConfig, lm: LoadedModel, site: str, source, given: HeldOutSet | None,
+                  progress: bool) -> HeldOutSet:
     if given is None:
-        return HeldOutSet(lm, [site], source.held_out, cfg.eval_tokens, cfg.lm_eval_tokens)
+        return HeldOutSet(lm, [site], source.held_out, cfg.eval_tokens, cfg.lm_eval_tokens, progress=progress)
     expected = (source.held_out, cfg.eval_tokens, cfg.lm_eval_tokens)
     if site not in given.sites or (given.source, given.eval_tokens, given.lm_eval_tokens) != expected:
         raise RanklensError(f"the given held-out set ({given.source}, {given.eval_tokens}/{given.lm_eval_tokens} "
