@@ -26,11 +26,11 @@ from ranklens.io import atomic_write_json, atomic_write_text
 from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.linalg.basis import effective_rank, principal_basis
 from ranklens.lm.load import load_model
-from ranklens.train.sae_job import SAETrainConfig, train_sae, training_held_out
+from ranklens.train.sae_job import SAETrainConfig, train_sae
 
 SITES = [("smollm2-135m", "L3.attn_out"), ("smollm2-135m", "L15.attn_out"), ("minilm-l6", "L3.attn_out")]
 FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4]
-VARIANCE_LEVELS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+VARIANCE_LEVELS = [0.5, 0.7, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
 
 
 def spectrum_summary(store, site: str, tokens: int) -> dict:
@@ -57,37 +57,46 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=50_000)
+    parser.add_argument("--sites", default=",".join(f"{m}/{s}" for m, s in SITES),
+                        help="comma-separated MODEL/SITE keys (default: all three)")
+    parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS),
+                        help="comma-separated d_init / d values of the grid")
     args = parser.parse_args()
     out = Path(args.out)
     evidence: dict = {"settings": vars(args), "sites": {}}
-    for model, site in SITES:
+    fractions = [float(f) for f in args.fractions.split(",")]
+    evidence_path = out / "evidence.json"
+    if evidence_path.exists():  # a rerun with other sites or fractions adds to what is there
+        evidence["sites"] = json.loads(evidence_path.read_text())["sites"]
+    for key in args.sites.split(","):
+        model, site = key.split("/")
         lm = load_model(model, "auto", "cpu")
-        key = f"{model}/{site}"
         store = collect(CollectConfig(model=model, sites=site, tokens=args.store_tokens, seed=0),
                         out / "stores" / f"{model}-{site}", progress=False, lm=lm)
         d = store.sites[site]
-        d_inits = sorted({max(1, round(f * d)) for f in FRACTIONS})
+        spectrum = spectrum_summary(store, site, 100_000)
+        d_inits = sorted({max(1, round(f * d)) for f in fractions})
         cells = [("standard", None)] + [("asi", v) for v in d_inits]
         base = dict(model=model, site=site, store=str(store.directory), tokens=args.tokens,
                     batch_size=args.batch_size, expansion=8, k=50, lr=args.lr, warmup_steps=50,
                     b_dec_init="mean", init_tokens=100_000, eval_tokens=args.eval_tokens, lm_eval_tokens=0,
                     train_dtype="bfloat16", shuffle_buffer_tokens=262_144, checkpoint_every=200)
         held_out = None
-        runs = {}
-        for init, d_init in cells:
-            for seed in range(args.seeds):
+        runs = evidence["sites"].get(key, {}).get("runs", {})
+        for seed in range(args.seeds):  # every cell at seed 0 first, so a cut-short run still covers the grid
+            for init, d_init in cells:
                 cfg = SAETrainConfig(**base, init=init, d_init=d_init or "auto", seed=seed)
                 name = f"{init}{d_init or ''}-s{seed}"
                 run_dir = out / "runs" / f"{model}-{site}" / name
                 if held_out is None:
-                    held_out = HeldOutSet(lm, [site], training_held_out(cfg, lm, run_dir), args.eval_tokens, 0)
+                    held_out = HeldOutSet(lm, [site], store.held_out(), args.eval_tokens, 0)
                 print(f"{key} {name}", file=sys.stderr, flush=True)
                 metrics = train_sae(cfg, run_dir, progress=False, lm=lm, held_out=held_out)
-                runs[name] = {"init": init, "d_init": d_init or d, "seed": seed, "fvu": metrics["nmse"],
-                              "dead": metrics["dead_features"], "eval_dead": metrics["eval_dead_features"],
+                runs[name] = {"init": init, "d_init": d_init or d, "seed": seed, "fvu": metrics["fvu"],
+                              "dead": metrics["train_dead"], "eval_dead": metrics["eval_dead"],
                               "n_features": metrics["n_features"], "dead_window_tokens": metrics["dead_window_tokens"]}
-        evidence["sites"][key] = {"spectrum": spectrum_summary(store, site, 100_000), "runs": runs}
-        atomic_write_json(out / "evidence.json", evidence)
+                evidence["sites"][key] = {"spectrum": spectrum, "runs": runs}
+                atomic_write_json(evidence_path, evidence)
     if args.report:
         atomic_write_text(args.report, markdown(evidence))
     print(json.dumps({k: v["spectrum"] for k, v in evidence["sites"].items()}, indent=1))

@@ -140,7 +140,9 @@ def test_cli_end_to_end_on_smollm2(smollm2, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "lorsa", str(out), "--eval-tokens", "300", "--lm-eval-tokens", "200", "--dtype",
                  "float32"]) == 0
-    again = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert f"every metric: {out / 'eval.json'}" in printed  # a rounded table, then where the JSON is
+    again = json.loads((out / "eval.json").read_text())
     assert again["fvu"] == pytest.approx(metrics["fvu"], rel=1e-5)
     assert again["eval_dead"] == metrics["eval_dead"]
     assert main(["zpattern", str(out), "--head", "7", "--text", "Hello world, hello world", "--dtype",

@@ -97,6 +97,15 @@ def test_compare_values():
     assert compare_values("a < b", None, 0.40).verdict == "inconclusive"
 
 
+def test_compare_values_states_the_comparison_in_a_sentence():
+    threshold = compare_values("cv < 1%", 0.0609, 0.01, name_a="the largest CV", name_b="App. C", rel_tol=0,
+                               percent=True)
+    assert threshold.verdict == "does not hold"
+    assert threshold.statistic == "the largest CV is 6.09%, above the threshold of 1% (App. C; one measurement)"
+    banded = compare_values("a < b", 0.13, 0.40, name_a="ours", name_b="the paper's")
+    assert banded.statistic.startswith("ours is 0.13, below the paper's at 0.4; a difference within 5% of")
+
+
 def test_verdict_rejects_unknown_words():
     with pytest.raises(ValueError):
         Verdict("c", "maybe", "s")

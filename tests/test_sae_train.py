@@ -100,7 +100,9 @@ def test_train_sae_job_and_eval(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "sae", str(out), "--eval-tokens", "1000", "--lm-eval-tokens", "500", "--dtype",
                  "float32"]) == 0
-    again = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert f"every metric: {out / 'eval.json'}" in printed  # a rounded table, then where the JSON is
+    again = json.loads((out / "eval.json").read_text())
     assert again["fvu"] == pytest.approx(metrics["fvu"], rel=1e-6)
 
 

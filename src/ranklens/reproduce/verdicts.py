@@ -219,10 +219,11 @@ def sign_test(claim: str, outcomes: Sequence[bool], *, units: str = "units", alp
 
 
 def compare_values(claim: str, a: float, b: float, *, name_a: str = "a", name_b: str = "b",
-                   rel_tol: float = 0.05) -> Verdict:
+                   rel_tol: float = 0.05, percent: bool = False) -> Verdict:
     """Claim: a < b, for single measured numbers without a sampling distribution (a bisection result, a share of
     a decomposition, a threshold). Holds if a < b - tol, does not hold if a > b + tol, inconclusive within the
-    band tol = rel_tol * |b| (or when either is undefined)."""
+    band tol = rel_tol * |b| (or when either is undefined). The statistic is a sentence ("the largest CV (L15) is
+    6.09%, above the threshold of 1%"); rel_tol = 0 reads b as a threshold, ``percent`` prints both as percentages."""
     a, b = float("nan") if a is None else float(a), float("nan") if b is None else float(b)
     tol = rel_tol * abs(b)
     if math.isnan(a) or math.isnan(b):
@@ -233,7 +234,12 @@ def compare_values(claim: str, a: float, b: float, *, name_a: str = "a", name_b:
         verdict = "does not hold"
     else:
         verdict = "inconclusive"
-    statistic = (f"{name_a} = {_fmt(a)} against {name_b} = {_fmt(b)} (one measurement each; a difference within "
-                 f"{rel_tol:.0%} of {name_b} is inconclusive)")
+    shown = (lambda x: "nan" if math.isnan(x) else f"{100 * x:.3g}%") if percent else _fmt
+    relation = "below" if a < b else "above" if a > b else "equal to" if a == b else "not comparable with"
+    if rel_tol == 0:
+        statistic = f"{name_a} is {shown(a)}, {relation} the threshold of {shown(b)} ({name_b}; one measurement)"
+    else:
+        statistic = (f"{name_a} is {shown(a)}, {relation} {name_b} at {shown(b)}; a difference within "
+                     f"{rel_tol:.0%} of {name_b} counts as inconclusive (one measurement each)")
     values = {"test": "compare_values", "a": a, "b": b, "name_a": name_a, "name_b": name_b, "rel_tol": rel_tol}
     return Verdict(claim, verdict, statistic, values)

@@ -128,7 +128,8 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
         worst = max(shares, key=lambda m: shares[m] if shares[m] == shares[m] else -1.0)
         out.append(compare_values(f"Alive features of both SAEs rarely align with the dead subspace: under 1% have a "
                                   f"{reading} of 0.15 or more (Table 9)", shares[worst], ALIGNED_SHARE,
-                                  name_a=f"largest share ({worst})", name_b="1%", rel_tol=0.0))
+                                  name_a=f"the largest share ({worst})", name_b="Table 9's 'rarely'",
+                                  rel_tol=0.0, percent=True))
     return out
 
 

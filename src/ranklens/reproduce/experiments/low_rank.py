@@ -112,14 +112,15 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
         out.append(compare_values("At the middle layer, fewer of the attention output's singular values exceed 1% "
                                   "of the largest than of the MLP output's and the residual stream's (Figure 3a)",
                                   mid["attn_out"]["frac_sv_above_1pct"], others[worst],
-                                  name_a="share for attn_out", name_b=f"share for {worst}"))
+                                  name_a="the share for attn_out", name_b=f"the share for {worst}"))
         dims = {k: (mid[k].get("loss_recovered") or {}).get("frac_dims_99") for k in MAIN_KINDS}
         if all(v is not None for v in dims.values()):
             worst = min(MAIN_KINDS[1:], key=lambda k: dims[k])
             out.append(compare_values("At the middle layer, the attention output needs a smaller share of its "
                                       "dimensions to recover 99% of the loss than the MLP output and the residual "
                                       "stream (Figure 3b, App. B)", dims["attn_out"], dims[worst],
-                                      name_a="share of d for attn_out", name_b=f"share of d for {worst}"))
+                                      name_a="the share of d for attn_out",
+                                      name_b=f"the share of d for {worst}"))
     cvs = {r["site"]: r["stability"] for r in mid.values() if r.get("stability")}
     if cvs:
         site = max(cvs, key=lambda s: cvs[s]["erank_cv"])
@@ -127,7 +128,8 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
         out.append(compare_values(f"The effective rank is stable across {stab['n_splits']} disjoint splits of about "
                                   f"{min(stab['n_tokens']):,} tokens (App. C; here: a coefficient of variation below "
                                   f"{STABLE_CV:.0%} at every middle-layer site)", stab["erank_cv"], STABLE_CV,
-                                  name_a=f"largest CV ({site})", name_b="1%", rel_tol=0.0))
+                                  name_a=f"the largest CV ({site})", name_b="App. C's stability",
+                                  rel_tol=0.0, percent=True))
     return out
 
 

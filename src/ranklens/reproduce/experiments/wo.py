@@ -51,7 +51,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     out.append(compare_values(f"At layer {result['middle_layer']}, the tail of the attention output's spectrum falls "
                               "mainly because of W_O (Figure 4): W_O's share of the head-to-tail drop of Var(O e) "
                               "exceeds one half", 0.5, summary.get("wo_share"), name_a="one half",
-                              name_b="W_O's share (log scale)"))
+                              name_b="W_O's share of the drop (log scale)"))
     return out
 
 
