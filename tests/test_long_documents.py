@@ -122,3 +122,40 @@ def test_text_field_hf_dataset(tmp_path):
     assert sorted(iter_documents(f"hf:{tmp_path / 'ds'}#page", seed=0)) == ["one page", "two pages"]
     with pytest.raises(RanklensError, match="--text-field"):
         list(iter_documents(f"hf:{tmp_path / 'ds'}", seed=0))
+
+
+def test_killed_collect_of_a_split_txt_resumes_to_the_same_store(tiny_dir, long_txt, tmp_path):
+    """The .txt is one document, so no shard ends at a document boundary: a killed collect resumes by the batches
+    on disk (not by documents) and completes the same store, shard for shard, without repeating a token."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path, _ = long_txt
+
+    def args(out):
+        return [sys.executable, "-m", "ranklens.cli", "collect", "--model", str(tiny_dir / "model"), "--sites",
+                "L0.attn_out", "--corpus", str(path), "--tokens", "6000", "--context-length", "64", "--dtype",
+                "float32", "--batch-tokens", "256", "--shard-tokens", "300", "--quiet", "--out", str(out)]
+
+    def shards(out):
+        return [(s["file"], s["sha256"]) for s in json.loads((out / "manifest.json").read_text())["shards"]]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run(args(whole), env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(args(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill once some but not all shards are on disk
+        if (killed / "manifest.json").exists() and len(shards(killed)) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(shards(killed)) < len(shards(whole))
+    assert ActivationStore(killed).docs_consumed == 0  # mid-document: a document count could not resume it
+    assert subprocess.run(args(killed), env=env, capture_output=True).returncode == 0
+    assert shards(killed) == shards(whole)
+    assert ActivationStore(killed).n_tokens == ActivationStore(whole).n_tokens == 6000
