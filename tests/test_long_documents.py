@@ -45,7 +45,7 @@ def test_42kb_txt_yields_all_its_tokens(long_txt, smollm2):
     batches = list(token_batches(iter_documents(str(path)), tok, 1024, 8192, split=splits_documents(str(path))))
     ids = _ordinary_ids(batches)
     assert len(every) > 8_000 and ids == every  # all of them, in order
-    assert sum(b.n_docs for b in batches) == 1  # one document, counted once, in the batch that finishes it
+    assert [b.n_docs for b in batches] == [1, 0]  # one document, counted once, in the batch that starts it
     assert all(int(row[0]) == tok.bos_token_id for b in batches for row in b.input_ids)  # each context framed
     assert max(int(b.lengths.max()) for b in batches) == 1024
     # The paper's truncation (App. E.2) when asked for: one context of 1,023 tokens behind <bos>.
@@ -77,6 +77,12 @@ def test_collect_stores_every_token_of_a_long_txt(tiny_dir, long_txt, tmp_path, 
     store = ActivationStore(out)
     assert store.n_tokens == n  # every token; the corpus ran out before the 10x asked for
     assert "ran out" in capsys.readouterr().err
+    # Held-out text starts after the document, even where the store holds only part of it.
+    part = tmp_path / "part"
+    assert main(["collect", "--model", str(tiny_dir / "model"), "--sites", "L0.attn_out", "--corpus", str(path),
+                 "--tokens", "500", "--context-length", "128", "--dtype", "float32", "--quiet",
+                 "--out", str(part)]) == 0
+    assert ActivationStore(part).n_tokens == 500 and ActivationStore(part).held_out().start_doc == 1
 
 
 def test_text_field_and_pretokenized_jsonl(tmp_path, smollm2):
@@ -155,7 +161,7 @@ def test_killed_collect_of_a_split_txt_resumes_to_the_same_store(tiny_dir, long_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 2 <= len(shards(killed)) < len(shards(whole))
-    assert ActivationStore(killed).docs_consumed == 0  # mid-document: a document count could not resume it
+    assert ActivationStore(killed).docs_consumed == 1  # mid-document: a document count could not resume it
     assert subprocess.run(args(killed), env=env, capture_output=True).returncode == 0
     assert shards(killed) == shards(whole)
     assert ActivationStore(killed).n_tokens == ActivationStore(whole).n_tokens == 6000

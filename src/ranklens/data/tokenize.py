@@ -63,7 +63,9 @@ def token_sequences(documents: Iterable[str | list[int]], tokenizer,
                     ) -> Iterator[tuple[list[int], int]]:
     """Yield (ids, n_docs_consumed) per sequence: each document framed by the special tokens and truncated to
     context_length, or (split) cut into consecutive pieces of that length. n_docs_consumed counts the documents
-    whose every sequence has been yielded, so the pieces of one document before its last report the count before it.
+    read so far, a split document from its first piece on: text held out after them (the documents from that count
+    on) never shares a document with what was read. (Resuming a split corpus therefore goes by batches, not by
+    documents: see ranklens.data.collect and ranklens.spectrum.job.)
 
     Documents that tokenize to nothing are consumed but yield no sequence.
     """
@@ -82,8 +84,8 @@ def token_sequences(documents: Iterable[str | list[int]], tokenizer,
             else:  # pre-tokenized: as it is
                 ids, prefix, suffix, width = doc, [], [], context_length
             starts = range(0, len(ids), width) if split else range(0, min(len(ids), 1))
-            for n, start in enumerate(starts, start=1):
-                yield [*prefix, *ids[start:start + width], *suffix], consumed + (n == len(starts))
+            for start in starts:
+                yield [*prefix, *ids[start:start + width], *suffix], consumed + 1
             consumed += 1
 
 
@@ -103,8 +105,8 @@ def token_batches(documents: Iterable[str | list[int]], tokenizer, context_lengt
     """Group consecutive sequences into batches whose padded size B x T_max stays within batch_tokens.
 
     A batch always holds at least one sequence. Order is preserved, so a run is reproducible and resumable by
-    skipping the documents an earlier run consumed. A batch's `n_docs` counts the documents it completes; with
-    `split`, the pieces of a long document can spread over several batches, and it is counted in the last.
+    skipping the documents an earlier run consumed. A batch's `n_docs` counts the documents it starts; with
+    `split`, the pieces of a long document can spread over several batches, and it is counted in the first.
     """
     special = SpecialTokens.from_tokenizer(tokenizer)
     pending: list[list[int]] = []
