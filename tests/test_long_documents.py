@@ -165,3 +165,14 @@ def test_killed_collect_of_a_split_txt_resumes_to_the_same_store(tiny_dir, long_
     assert subprocess.run(args(killed), env=env, capture_output=True).returncode == 0
     assert shards(killed) == shards(whole)
     assert ActivationStore(killed).n_tokens == ActivationStore(whole).n_tokens == 6000
+
+
+def test_report_states_how_documents_were_cut(long_txt):
+    from ranklens.reproduce.presets import ReproduceConfig
+    from ranklens.reproduce.report import scale
+
+    plan = {"d_model": 64, "n_layers": 3, "middle_layer": 1, "sweep_layers": [0, 1]}
+    paper = scale(ReproduceConfig.load(preset="quick"), plan)["documents"]
+    assert paper == "truncated to 1,024 tokens behind <bos> (App. E.2)"
+    split = scale(ReproduceConfig.load(preset="quick", corpus=str(long_txt[0])), plan)["documents"]
+    assert split.startswith("split into contexts of 1,024 tokens")
