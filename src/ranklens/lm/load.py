@@ -129,12 +129,14 @@ def _gguf_file(entry: EmbeddedModel) -> tuple[Path, bool]:
     if entry.gguf is not None:
         return _package_dir(entry) / entry.gguf, False
     _package_dir(entry)  # a clear error when the package is missing
-    import importlib
-
     package = importlib.import_module(entry.module)
-    try:  # the parts are joined into one file and checked against the package's sha256
-        return Path(package.assemble(cache_dir() / "gguf" / package.MODEL_NAME, overwrite=True)), True
+    # The parts are joined into one file and checked against the package's sha256; a name per process, so two
+    # processes building the cache at once never write into one file.
+    target = cache_dir() / "gguf" / f"{os.getpid()}-{package.MODEL_NAME}"
+    try:
+        return Path(package.assemble(target, overwrite=True)), True
     except (FileNotFoundError, ValueError) as err:
+        target.unlink(missing_ok=True)
         raise RanklensError(f"could not assemble the GGUF file of {entry.name!r}: {err}; reinstall it with "
                             f"`{entry.install}`") from err
 
