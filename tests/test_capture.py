@@ -82,7 +82,7 @@ def test_all_sites_match_model_arithmetic(name):
 
             if arch.family == "llama":
                 close(a["attn_in"], blk.input_layernorm(a["resid_pre"]))
-                if arch.model_type == "gemma2":  # sandwich norms around each branch
+                if arch.model_type in ("gemma2", "gemma3_text"):  # sandwich norms around each branch
                     mid = a["resid_pre"] + blk.post_attention_layernorm(a["attn_out"])
                     close(a["mlp_in"], blk.pre_feedforward_layernorm(mid))
                     close(a["resid_post"], mid + blk.post_feedforward_layernorm(a["mlp_out"]))

@@ -75,7 +75,7 @@ def test_killed_collect_resumes_to_the_same_store(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "nope"], "unknown model 'nope'"),
+    (["--model", "./nope"], "unknown model './nope'"),
     (["--sites", "L9.attn_out"], "layer 9"),
     (["--sites", "L0.attn_outt"], "unknown site kind 'attn_outt'"),
     (["--corpus", "nonexistent-corpus"], "nonexistent-corpus"),

@@ -217,7 +217,7 @@ def test_hf_dataset_saved_to_disk(tmp_path: Path) -> None:
 
     no_text = tmp_path / "no_text"
     datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(no_text))
-    with pytest.raises(RanklensError, match="'text' column"):
+    with pytest.raises(RanklensError, match="'text' field"):
         list(iter_documents(f"hf:{no_text}"))
 
 

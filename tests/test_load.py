@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ranklens.errors import RanklensError
-from ranklens.lm.load import load_model, resolve_dtype
+from ranklens.lm.load import load_model, model_source, resolve_dtype
 
 
 def test_smollm2_shape(smollm2):
@@ -61,8 +61,13 @@ def test_local_directory(tmp_path, minilm):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(RanklensError, match="unknown model 'nope'"):
+    # A bare name is a hub id (gpt2, bert-base-uncased): offline, the error says it could not be loaded.
+    assert model_source("gpt2") == "gpt2" and model_source("google-bert/bert-base-uncased") == "google-bert/bert-base-uncased"
+    with pytest.raises(RanklensError, match="could not load model 'nope'"):
         load_model("nope")
+    for bad in ("./nope", "../nope", "a/b/c", "no pe"):
+        with pytest.raises(RanklensError, match="unknown model"):
+            model_source(bad)
     with pytest.raises(RanklensError, match="has no config.json"):
         load_model(str(tmp_path))
     with pytest.raises(RanklensError, match="unknown dtype 'float8'"):

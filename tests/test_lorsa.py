@@ -3,6 +3,7 @@ footnote-3 normalization, the sparse code, and errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from unittest import mock
@@ -64,6 +65,28 @@ def test_exact_decomposition_gemma2_softcap_sliding_window():
         w, x, out, mask = _io("gemma2", layer, torch.float32)
         assert w.softcap is not None
         torch.testing.assert_close(exact_from_mhsa(w)(x, mask).out, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, kind", [(0, "sliding_attention"), (1, "full_attention")])
+def test_exact_decomposition_gemma3_per_layer_rope(layer, kind):
+    # Gemma 3: sliding layers rotate with theta 1e4 inside a window of 8 (seq 12), the global layer with theta 1e6
+    # and linear scaling over the whole sequence; q/k norms scale by (1 + w). float32, as the model's eager
+    # attention and its RMSNorms compute in float32.
+    model = _model("gemma3", torch.float32)
+    assert model.config.layer_types[layer] == kind
+    w, x, out, mask = _io("gemma3", layer, torch.float32)
+    rotary = model.model.rotary_emb
+    assert torch.equal(w.positions.inv_freq, getattr(rotary, f"{kind}_inv_freq"))
+    assert w.positions.rope_type == rotary.rope_type[kind]
+    assert w.sliding_window == (8 if kind == "sliding_attention" else None)
+    assert w.q_norm is not None and w.q_norm.offset == 1.0 and w.softcap is None
+    lorsa = exact_from_mhsa(w)
+    torch.testing.assert_close(lorsa(x, mask).out, out, rtol=1e-5, atol=1e-5)
+    # The other layer type's rotation does not reproduce this layer: the per-layer RoPE is what makes it exact.
+    other = "full_attention" if kind == "sliding_attention" else "sliding_attention"
+    wrong = RopeSpec.from_module(rotary, layer_type=other)
+    swapped = exact_from_mhsa(dataclasses.replace(w, positions=wrong))
+    assert (swapped(x, mask).out - out).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])

@@ -20,6 +20,7 @@ EXPECTED_FAMILY = {
     "mistral": "llama",
     "gemma": "llama",
     "gemma2": "llama",
+    "gemma3": "llama",
     "gpt2": "gpt2",
     "gpt_neox": "gpt_neox",
     "gpt_neox_seq": "gpt_neox",

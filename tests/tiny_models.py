@@ -19,6 +19,8 @@ from transformers import (
     BertModel,
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
@@ -87,6 +89,28 @@ def _gemma2() -> PreTrainedModel:
     )
 
 
+def _gemma3() -> PreTrainedModel:
+    # Gemma 3 (model_type gemma3_text): sandwich norms, q/k norms with (1 + w) weights, and per-layer attention
+    # types whose RoPE differs: sliding layers (window 8 < seq 12) use theta 10^4, the global layer 10^6 with
+    # linear scaling, so a Lorsa that took the wrong layer's frequencies would not reproduce the layer.
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            **_COMMON,
+            **_ROPE,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0},
+            },
+            attn_implementation="eager",
+        )
+    )
+
+
 def _gpt2() -> PreTrainedModel:
     return GPT2LMHeadModel(
         GPT2Config(
@@ -121,6 +145,7 @@ BUILDERS: dict[str, Callable[[], PreTrainedModel]] = {
     "mistral": _mistral,
     "gemma": _gemma,
     "gemma2": _gemma2,
+    "gemma3": _gemma3,
     "gpt2": _gpt2,
     "gpt_neox": lambda: _gpt_neox(True),
     "gpt_neox_seq": lambda: _gpt_neox(False),

@@ -76,13 +76,17 @@ def _command_line() -> str:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
+    import importlib.util
+
     from ranklens.lm.load import EMBEDDED_MODELS
 
     width = max(len(n) for n in EMBEDDED_MODELS)
     for entry in EMBEDDED_MODELS.values():
-        print(f"{entry.name:<{width}}  {entry.description}  [package {entry.package}]")
-    print("Any Hugging Face model id or local model directory works too (families: Llama, Qwen2/3, Mistral, "
-          "Gemma 2, GPT-2, GPT-NeoX/Pythia, BERT).")
+        installed = importlib.util.find_spec(entry.module) is not None
+        state = "installed" if installed else f"not installed: {entry.install}"
+        print(f"{entry.name:<{width}}  {entry.description}  [package {entry.package}, {state}]")
+    print("Any Hugging Face model id (gpt2, org/name) or local model directory works too (families: Llama, "
+          "Qwen2/3, Mistral, Gemma 1/2/3, GPT-2, GPT-NeoX/Pythia, BERT).")
 
 
 def _cmd_sites(args: argparse.Namespace) -> None:

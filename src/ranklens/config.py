@@ -9,10 +9,10 @@ share come from the groups below (``ModelFields``, ``CorpusFields``) and stay fl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ranklens.errors import RanklensError
 
@@ -20,6 +20,31 @@ C = TypeVar("C", bound="Config")
 
 DEFAULT_CONTEXT_LENGTH = 1024  # App. E.2: documents truncated to 1,024 tokens
 DTYPE_HELP = "auto (bfloat16 on CPUs with bf16 instructions or on CUDA, else float32), float32, bfloat16 or float16"
+
+
+# How a corpus is read travels inside its spec, so every reader of the corpus (collect, the stream, the held-out
+# text of a store or a run, written to disk as the spec) reads it the same way: `SPEC#FIELD` names the record
+# field, a `split:` or `truncate:` prefix the treatment of documents longer than the context (ranklens.data.corpus).
+FIELD_SEPARATOR = "#"
+LONG_DOCUMENTS = ("auto", "truncate", "split")
+
+
+def corpus_spec(corpus: str, text_field: str | None = None, long_documents: str = "auto") -> str:
+    """`corpus` with a text field and a long-document treatment folded in; idempotent, so a resolved config
+    read back gives the same spec."""
+    if text_field is not None and not corpus.endswith(FIELD_SEPARATOR + text_field):
+        if FIELD_SEPARATOR in corpus.rsplit("/", 1)[-1]:
+            raise RanklensError(f"corpus {corpus!r} already names a field; expected it or --text-field "
+                                f"{text_field!r}, not both")
+        corpus = f"{corpus}{FIELD_SEPARATOR}{text_field}"
+    if long_documents != "auto":
+        for other in LONG_DOCUMENTS[1:]:
+            if other != long_documents and corpus.startswith(other + ":"):
+                raise RanklensError(f"corpus {corpus!r} asks for {other} but --long-documents is "
+                                    f"{long_documents}; expected one of them")
+        if not corpus.startswith(long_documents + ":"):
+            corpus = f"{long_documents}:{corpus}"
+    return corpus
 
 
 def flag(name: str) -> str:
@@ -110,3 +135,18 @@ class CorpusFields(Config):
     seed: int = Field(0, description="seed of the document order (and of everything else random in the job)")
     context_length: int = Field(DEFAULT_CONTEXT_LENGTH, ge=2,
                                 description="tokens per document, bos included (App. E.2 truncation)")
+    text_field: str | None = Field(None, description="the field documents are read from in .jsonl/.parquet/hf: "
+                                                     "corpora (a string field, or a list of token ids used as they "
+                                                     "are); unset: text, else input_ids")
+    long_documents: Literal["auto", "truncate", "split"] = Field(
+        "auto", description="documents longer than the context: truncate to one context (App. E.2, the paper's "
+                            "experiments), split into consecutive contexts (every token used), or auto (split a "
+                            "single .txt file, truncate every other corpus)")
+
+    @model_validator(mode="after")
+    def _fold_into_corpus(self):  # noqa: ANN202 - pydantic validator
+        """Fold the field and the long-document treatment into the corpus spec every reader gets."""
+        folded = corpus_spec(self.corpus, self.text_field, self.long_documents)
+        if folded != self.corpus:
+            object.__setattr__(self, "corpus", folded)
+        return self

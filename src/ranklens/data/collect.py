@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ranklens.data.config import CollectConfig
-from ranklens.data.corpus import iter_documents
+from ranklens.data.corpus import iter_documents, splits_documents
 from ranklens.data.store import (
     MANIFEST_NAME,
     ActivationStore,
@@ -103,19 +103,27 @@ def _fill(writer: ActivationStoreWriter, lm, sites, cfg: CollectConfig, document
     bar = tqdm(total=cfg.tokens, unit="tok", desc="collect", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     tokens, docs = 0, 0
-    skip = layout.world == 1 and done_docs > 0  # one process: resume straight at its last shard's documents
+    # Split documents (ranklens.data.corpus: a long document cut into contexts) can end a shard mid-document, so
+    # a resume cannot start at a document; it re-tokenizes from the start and skips this rank's batches up to the
+    # stat tokens on disk (shards hold whole batches, and the batches are the same on every run).
+    split = splits_documents(cfg.corpus)
+    stored, own = writer.n_tokens, 0
+    skip = layout.world == 1 and done_docs > 0 and not split  # one process: resume at its last shard's documents
     if skip:
         documents = itertools.islice(documents, done_docs, None)
         tokens, docs = writer.n_tokens, done_docs
     bar.update(min(tokens, cfg.tokens))
     with Capturer(lm.arch, sites) as capture:
-        batches = token_batches(documents, lm.tokenizer, cfg.context_length, cfg.batch_tokens)
+        batches = token_batches(documents, lm.tokenizer, cfg.context_length, cfg.batch_tokens, split=split)
         for i, batch in enumerate(take_tokens(batches, cfg.tokens - tokens)):  # exactly --tokens, the last cut
             docs += batch.n_docs
             tokens += batch.n_tokens
             bar.update(min(batch.n_tokens, cfg.tokens - bar.n))
-            if i % layout.world != layout.rank or docs <= done_docs and not skip:
-                continue  # another rank's batch, or one of ours already stored
+            if i % layout.world != layout.rank:
+                continue  # another rank's batch
+            own += batch.n_tokens
+            if (own <= stored) if split else (docs <= done_docs and not skip):
+                continue  # one of ours already stored
             acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
             writer.add({name: a.cpu() for name, a in acts.items()}, batch.lengths, batch.stat_mask,
                        batch.input_ids, docs_consumed=docs)

@@ -33,6 +33,17 @@ stable across versions), so ``itertools.islice`` can resume a run after the docu
 * ``hf:`` streams: ``IterableDataset.shuffle(seed=seed, buffer_size=shuffle_buffer)``; on-disk datasets:
   ``Dataset.shuffle(seed=seed)``.
 
+Fields. Records (.jsonl, .parquet, hf:) are read from the field ``text``, or, when a record has no ``text`` but
+an ``input_ids`` field, from that: a pre-tokenized document (a list of token ids) is used as it is, without
+tokenizing or adding a bos. ``SPEC#FIELD`` (the CLI's ``--text-field FIELD``) reads another field instead
+(``data.jsonl#content``, ``hf:NAME:CONFIG:SPLIT#body``, ``rows.parquet#input_ids``); a string field gives text,
+a list-of-integers field token ids.
+
+Long documents. The paper truncates every document to one context (App. E.2), and so does ranklens by default;
+a single ``.txt`` file is one document, so it is split into consecutive contexts instead (every token used). The
+prefixes ``split:SPEC`` and ``truncate:SPEC`` (the CLI's ``--long-documents``) choose for any corpus;
+``splits_documents(spec)`` tells the tokenizer (``ranklens.data.tokenize``).
+
 ``seed=None`` keeps the stored order. Empty and whitespace-only documents are skipped; a corpus without any
 other document is an error.
 """
@@ -40,6 +51,7 @@ other document is an error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -54,12 +66,15 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from ranklens.config import FIELD_SEPARATOR, LONG_DOCUMENTS
 from ranklens.errors import RanklensError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 MANIFEST_PATH = EMBEDDED_DIR / "manifest.json"
 DEFAULT_CORPUS = "default"
 TEXT_FIELD = "text"
+TOKENS_FIELD = "input_ids"  # a pre-tokenized dataset's column, used when a record has no TEXT_FIELD
+Document = str | list[int]  # text, or the token ids of a pre-tokenized document
 DEFAULT_SHUFFLE_BUFFER = 10_000
 HF_PREFIX = "hf:"
 HF_DEFAULT_SPLIT = "train"
@@ -144,7 +159,7 @@ def _embedded_documents(subset: str) -> tuple[str, ...]:
             f"embedded corpus file {path} does not match its sha256 in manifest.json: "
             "reinstall ranklens or rerun scripts/build_corpus.py"
         )
-    return tuple(_texts_of_records(path, iter_jsonl_records(path)))
+    return tuple(_texts_of_records(path, iter_jsonl_records(path), TEXT_FIELD))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -192,25 +207,47 @@ def _parse_record(path: Path, where: str, line: str) -> dict[str, Any]:
             f"{str(path)!r} {where} is not valid JSON ({exc.msg}): expected one JSON "
             f"object per line with a string field {TEXT_FIELD!r}"
         ) from exc
-    if not isinstance(record, dict) or TEXT_FIELD not in record:
-        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+    if not isinstance(record, dict):
         raise RanklensError(
-            f"{str(path)!r} {where} has no {TEXT_FIELD!r} field (found {found}): expected "
-            f"one JSON object per line with a string field {TEXT_FIELD!r}"
+            f"{str(path)!r} {where} is a JSON {type(record).__name__}: expected one JSON object per line with a "
+            f"string field {TEXT_FIELD!r}"
         )
     return record
 
 
-def _text_value(value: Any, where: str) -> str | None:
-    """The document text of a record/row, None for a missing value; a non-string is an error."""
+def _field_of(names: Iterable[str], field: str | None, where: str) -> str:
+    """The field a record or table is read from: `field` if given, else ``text``, else ``input_ids``."""
+    names = list(names)
+    if field is not None:
+        if field not in names:
+            raise RanklensError(f"{where} has no field {field!r} (found {sorted(names)}): expected the field "
+                                "named by --text-field / SPEC#FIELD")
+        return field
+    for candidate in (TEXT_FIELD, TOKENS_FIELD):
+        if candidate in names:
+            return candidate
+    raise RanklensError(f"{where} has no {TEXT_FIELD!r} field (found {sorted(names)}): expected a string field "
+                        f"{TEXT_FIELD!r}, a token-id field {TOKENS_FIELD!r}, or choose one with --text-field")
+
+
+def _document_value(value: Any, where: str, field: str) -> Document | None:
+    """A record's document: a string (text) or a list of integers (token ids, pre-tokenized); None if missing."""
     if value is None or isinstance(value, str):
         return value
-    raise RanklensError(f"{where}: field {TEXT_FIELD!r} holds {type(value).__name__}, expected a string")
+    if isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [int(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, str):  # numpy / arrow arrays of ids
+        return _document_value(value.tolist(), where, field)
+    raise RanklensError(f"{where}: field {field!r} holds {type(value).__name__}, expected a string or a list of "
+                        "token ids")
 
 
-def _texts_of_records(path: Path, records: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[str]:
+def _texts_of_records(path: Path, records: Iterable[tuple[str, dict[str, Any]]],
+                      field: str | None) -> Iterator[Document]:
     for where, record in records:
-        text = _text_value(record[TEXT_FIELD], f"{str(path)!r} {where}")
+        where = f"{str(path)!r} {where}"
+        key = _field_of(record, field, where)
+        text = _document_value(record[key], where, key)
         if text is not None:
             yield text
 
@@ -250,7 +287,7 @@ def _jsonl_line_offsets(path: Path) -> array:
     return offsets
 
 
-def _jsonl_shuffled(path: Path, rng: random.Random) -> Iterator[str]:
+def _jsonl_shuffled(path: Path, rng: random.Random, field: str | None) -> Iterator[Document]:
     offsets = _jsonl_line_offsets(path)
     order = list(range(len(offsets)))
     _shuffle(order, rng)
@@ -265,13 +302,10 @@ def _jsonl_shuffled(path: Path, rng: random.Random) -> Iterator[str]:
                     f"corpus file {str(path)!r} is not UTF-8 ({exc.reason}): expected UTF-8 JSON lines"
                 ) from exc
             where = f"at byte {offsets[index]}"  # line numbers are not tracked in this order
-            record = _parse_record(path, where, decoded)
-            text = _text_value(record[TEXT_FIELD], f"{str(path)!r} {where}")
-            if text is not None:
-                yield text
+            yield from _texts_of_records(path, [(where, _parse_record(path, where, decoded))], field)
 
 
-def _parquet_file(path: Path):  # noqa: ANN202 - pyarrow.parquet.ParquetFile
+def _parquet_file(path: Path, field: str | None = None):  # noqa: ANN202 - (ParquetFile, its document column)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -280,28 +314,29 @@ def _parquet_file(path: Path):  # noqa: ANN202 - pyarrow.parquet.ParquetFile
     except (pa.ArrowInvalid, OSError) as exc:
         raise RanklensError(f"cannot read corpus file {str(path)!r} as parquet: {exc}") from exc
     schema = parquet.schema_arrow
-    if TEXT_FIELD not in schema.names:
+    column = _field_of(schema.names, field, f"parquet file {str(path)!r}")
+    column_type = schema.field(column).type
+    is_text = pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+    is_ids = pa.types.is_list(column_type) or pa.types.is_large_list(column_type)
+    if is_ids:
+        is_ids = pa.types.is_integer(column_type.value_type)
+    if not (is_text or is_ids):
         raise RanklensError(
-            f"parquet file {str(path)!r} has no {TEXT_FIELD!r} column (found {schema.names}): "
-            f"expected a string column {TEXT_FIELD!r}"
+            f"parquet file {str(path)!r}: column {column!r} has type {column_type}, "
+            "expected a string column or a list of token ids"
         )
-    column_type = schema.field(TEXT_FIELD).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise RanklensError(
-            f"parquet file {str(path)!r}: column {TEXT_FIELD!r} has type {column_type}, "
-            "expected a string column"
-        )
-    return parquet
+    return parquet, column
 
 
-def _parquet_texts(path: Path, rng: random.Random | None, batch_rows: int = 1024) -> Iterator[str]:
-    """Texts of a parquet file, one row group at a time (only the text column is read)."""
-    parquet = _parquet_file(path)
+def _parquet_texts(path: Path, rng: random.Random | None, field: str | None,
+                   batch_rows: int = 1024) -> Iterator[Document]:
+    """Documents of a parquet file, one row group at a time (only the document column is read)."""
+    parquet, column = _parquet_file(path, field)
     groups = list(range(parquet.num_row_groups))
     if rng is not None:
         _shuffle(groups, rng)
     for group in groups:
-        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=[TEXT_FIELD]):
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=[column]):
             for text in batch.column(0).to_pylist():
                 if text is not None:
                     yield text
@@ -345,6 +380,14 @@ class CorpusSpec:
     path: Path | None = None
     hf_config: str | None = None
     hf_split: str = HF_DEFAULT_SPLIT
+    field: str | None = None  # SPEC#FIELD: the record field documents are read from (None: text, else input_ids)
+    long_documents: str = "auto"  # a "split:" or "truncate:" prefix
+
+    @property
+    def splits(self) -> bool:
+        """Whether documents longer than the context are split into contexts (else truncated, App. E.2): asked
+        for with ``split:``, or by default for a single .txt file, which is one document."""
+        return self.long_documents == "split" or (self.long_documents == "auto" and self.kind == "txt")
 
 
 def _unknown(spec: str) -> RanklensError:
@@ -416,6 +459,18 @@ def parse_spec(spec: str) -> CorpusSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise _unknown(str(spec))
     spec = spec.strip()
+    for treatment in LONG_DOCUMENTS[1:]:
+        if spec.startswith(treatment + ":"):
+            return dataclasses.replace(parse_spec(spec[len(treatment) + 1:]), spec=spec, long_documents=treatment)
+    if FIELD_SEPARATOR in spec.rsplit("/", 1)[-1]:
+        base, field = spec.rsplit(FIELD_SEPARATOR, 1)
+        if not field or not base:
+            raise RanklensError(f"corpus {spec!r}: expected SPEC#FIELD with a field name after '#'")
+        parsed = parse_spec(base)
+        if parsed.kind not in ("jsonl", "jsonl.zst", "parquet", "hf"):
+            raise RanklensError(f"corpus {spec!r}: a field applies to .jsonl, .jsonl.zst, .parquet and hf: "
+                                f"corpora, not to {parsed.kind} corpora")
+        return dataclasses.replace(parsed, spec=spec, field=field)
     if spec.startswith(HF_PREFIX):
         return _parse_hf(spec)
     embedded = _parse_embedded(spec)
@@ -476,21 +531,16 @@ def _hf_dataset(parsed: CorpusSpec, seed: int | None, shuffle_buffer: int):  # n
     return dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if seed is not None else dataset
 
 
-def _hf_texts(parsed: CorpusSpec, seed: int | None, shuffle_buffer: int) -> Iterator[str]:
+def _hf_texts(parsed: CorpusSpec, seed: int | None, shuffle_buffer: int) -> Iterator[Document]:
     dataset = _hf_dataset(parsed, seed, shuffle_buffer)
+    where = f"Hugging Face dataset {parsed.name!r}"
     columns = dataset.column_names
-    if columns is not None and TEXT_FIELD not in columns:
-        raise RanklensError(
-            f"Hugging Face dataset {parsed.name!r} has no {TEXT_FIELD!r} column (found {columns}): "
-            f"expected a string column {TEXT_FIELD!r}"
-        )
+    column = _field_of(columns, parsed.field, where) if columns is not None else None
     for row in dataset:
-        if TEXT_FIELD not in row:
-            raise RanklensError(
-                f"Hugging Face dataset {parsed.name!r} has no {TEXT_FIELD!r} column (found "
-                f"{sorted(row)}): expected a string column {TEXT_FIELD!r}"
-            )
-        text = _text_value(row[TEXT_FIELD], f"Hugging Face dataset {parsed.name!r}")
+        key = column or _field_of(row, parsed.field, where)
+        if key not in row:
+            _field_of(row, key, where)  # raises, naming the columns the row has
+        text = _document_value(row[key], where, key)
         if text is not None:
             yield text
 
@@ -498,7 +548,7 @@ def _hf_texts(parsed: CorpusSpec, seed: int | None, shuffle_buffer: int) -> Iter
 # --------------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------------
-def _raw_documents(parsed: CorpusSpec, seed: int | None, shuffle_buffer: int) -> Iterator[str]:
+def _raw_documents(parsed: CorpusSpec, seed: int | None, shuffle_buffer: int) -> Iterator[Document]:
     rng = random.Random(seed) if seed is not None else None
     path = parsed.path
     if parsed.kind == "embedded":
@@ -518,13 +568,13 @@ def _raw_documents(parsed: CorpusSpec, seed: int | None, shuffle_buffer: int) ->
         return (_read_txt(f) for f in files)
     if parsed.kind == "jsonl":
         if rng is not None:
-            return _jsonl_shuffled(path, rng)
-        return _texts_of_records(path, iter_jsonl_records(path))
+            return _jsonl_shuffled(path, rng, parsed.field)
+        return _texts_of_records(path, iter_jsonl_records(path), parsed.field)
     if parsed.kind == "jsonl.zst":
-        texts = _texts_of_records(path, iter_jsonl_records(path))
+        texts = _texts_of_records(path, iter_jsonl_records(path), parsed.field)
         return _buffer_shuffle(texts, rng, shuffle_buffer) if rng is not None else texts
     if parsed.kind == "parquet":
-        texts = _parquet_texts(path, rng)
+        texts = _parquet_texts(path, rng, parsed.field)
         return _buffer_shuffle(texts, rng, shuffle_buffer) if rng is not None else texts
     raise AssertionError(f"unhandled corpus kind {parsed.kind}")
 
@@ -539,28 +589,35 @@ def _check_eagerly(parsed: CorpusSpec) -> None:
         _txt_files(parsed.path)
     elif parsed.kind == "parquet":
         assert parsed.path is not None
-        _parquet_file(parsed.path)
+        _parquet_file(parsed.path, parsed.field)
     elif parsed.kind in ("jsonl", "jsonl.zst"):
         assert parsed.path is not None
         with contextlib.closing(iter_jsonl_records(parsed.path)) as records:
-            next(records, None)  # the first record must parse and carry "text"
+            first = next(records, None)  # the first record must parse and carry the document field
+            if first is not None:
+                _field_of(first[1], parsed.field, f"{str(parsed.path)!r} {first[0]}")
     elif parsed.kind == "hf":
         _import_datasets()
 
 
-def _non_empty(docs: Iterable[str], spec: str) -> Iterator[str]:
+def _non_empty(docs: Iterable[Document], spec: str) -> Iterator[Document]:
     count = 0
     for doc in docs:
-        if doc.strip():
+        if doc if isinstance(doc, list) else doc.strip():
             count += 1
             yield doc
     if count == 0:
         raise RanklensError(f"corpus {spec!r} is empty: expected at least one document that is not blank")
 
 
+def splits_documents(spec: str) -> bool:
+    """Whether the documents of `spec` are split into contexts rather than truncated to one (see above)."""
+    return parse_spec(spec).splits
+
+
 def iter_documents(
     spec: str, seed: int | None = 0, *, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
-) -> Iterator[str]:
+) -> Iterator[Document]:
     """The documents of a corpus, in a deterministic order given ``seed`` (see the module docstring).
 
     Bad specs (unknown name, missing file, unsupported type, no ``text`` field) raise RanklensError here;
@@ -623,7 +680,7 @@ def describe_corpus(spec: str, *, hash_files: bool = True) -> dict[str, Any]:
     if parsed.kind == "txt":
         info["n_documents"] = 1
     elif parsed.kind == "parquet":
-        info["n_rows"] = _parquet_file(path).metadata.num_rows  # blank texts are skipped, so an upper bound
+        info["n_rows"] = _parquet_file(path, parsed.field)[0].metadata.num_rows  # blank texts are skipped, so an upper bound
     return info
 
 
@@ -636,7 +693,7 @@ class HeldOutSource:
     start_doc: int
     context_length: int
 
-    def documents(self) -> Iterator[str]:
+    def documents(self) -> Iterator[Document]:
         return itertools.islice(iter_documents(self.corpus, seed=self.seed), self.start_doc, None)
 
     def to_json(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import torch
 
-from ranklens.data.corpus import HeldOutSource, iter_documents
+from ranklens.data.corpus import HeldOutSource, iter_documents, splits_documents
 from ranklens.data.store import ActivationStore
 from ranklens.data.tokenize import SpecialTokens, token_sequences
 from ranklens.errors import RanklensError
@@ -183,7 +183,7 @@ class StreamSequences:
         excluded = self.special.excluded
         sequences = ((ids, sum(1 for t in ids if t not in excluded), consumed) for ids, consumed in
                      token_sequences(iter_documents(self.corpus, seed=self.seed), self.lm.tokenizer,
-                                     self.context_length))
+                                     self.context_length, splits_documents(self.corpus)))
         return group_by_tokens(sequences, lambda s: s[1], self.batch_tokens)
 
     def head(self) -> Iterator[LorsaBatch]:

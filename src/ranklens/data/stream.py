@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ranklens.data.corpus import iter_documents
+from ranklens.data.corpus import iter_documents, splits_documents
 from ranklens.data.tokenize import TokenBatch, token_batches
 from ranklens.errors import RanklensError
 from ranklens.lm.capture import Capturer
@@ -30,6 +30,9 @@ class StreamSource:
                  batch_size: int, chunk_tokens: int = 262_144, forward_tokens: int = 8192) -> None:
         if chunk_tokens < batch_size:
             raise RanklensError(f"chunk of {chunk_tokens} tokens is smaller than a batch of {batch_size}")
+        if splits_documents(corpus):  # chunks start at document boundaries, which split documents do not keep
+            raise RanklensError(f"corpus {corpus!r} has its long documents split into contexts, which --source "
+                                "stream cannot chunk; expected --source store (or --long-documents truncate)")
         self.lm, self.corpus, self.seed = lm, corpus, seed
         self.context_length, self.batch_size = context_length, batch_size
         self.chunk_tokens = chunk_tokens - chunk_tokens % batch_size  # whole batches per chunk

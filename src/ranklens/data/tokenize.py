@@ -1,7 +1,11 @@
 """Documents -> token sequences -> padded batches, as in App. E.2 of the dimensional-collapse paper.
 
 Each document is truncated to a context length (default 1024) and a bos token is prepended where the model has
-one (BERT-style encoders get their [CLS] ... [SEP] frame instead). A `stat_mask` marks the positions that count
+one (BERT-style encoders get their [CLS] ... [SEP] frame instead). That truncation is the paper's (App. E.2) and
+the default. With ``split=True`` a long document is cut into consecutive context-length pieces instead, each framed
+the same way, so every token of it is used (a 42 KB .txt file is one document: truncated it gives ~1,000 tokens).
+Pre-tokenized documents (lists of token ids, from an ``input_ids`` column) are used as they are: no tokenizer and
+no added frame, only the truncation or the split at context_length. A `stat_mask` marks the positions that count
 as tokens: bos, eos and pad positions (and [CLS]/[SEP]) are excluded from every statistic and every training set.
 The order is the corpus order, which is deterministic given the corpus seed.
 """
@@ -54,9 +58,14 @@ class TokenBatch:
         return int(self.stat_mask.sum())
 
 
-def token_sequences(documents: Iterable[str], tokenizer, context_length: int = DEFAULT_CONTEXT_LENGTH,
+def token_sequences(documents: Iterable[str | list[int]], tokenizer,
+                    context_length: int = DEFAULT_CONTEXT_LENGTH, split: bool = False,
                     ) -> Iterator[tuple[list[int], int]]:
-    """Yield (ids, n_docs_consumed) per document: framed by the special tokens and truncated to context_length.
+    """Yield (ids, n_docs_consumed) per sequence: each document framed by the special tokens and truncated to
+    context_length, or (split) cut into consecutive pieces of that length. n_docs_consumed counts the documents
+    read so far, a split document from its first piece on: text held out after them (the documents from that count
+    on) never shares a document with what was read. (Resuming a split corpus therefore goes by batches, not by
+    documents: see ranklens.data.collect and ranklens.spectrum.job.)
 
     Documents that tokenize to nothing are consumed but yield no sequence.
     """
@@ -67,11 +76,17 @@ def token_sequences(documents: Iterable[str], tokenizer, context_length: int = D
                             f"{len(special.prefix) + len(special.suffix) + 1}")
     consumed = 0
     for chunk in _chunks(documents, 64):  # the fast tokenizer is much faster on batches
-        encoded = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]  # we truncate ourselves
-        for ids in encoded:
+        texts = [d for d in chunk if isinstance(d, str)]
+        encoded = iter(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
+        for doc in chunk:
+            if isinstance(doc, str):  # we frame and truncate ourselves
+                ids, prefix, suffix, width = next(encoded), list(special.prefix), list(special.suffix), room
+            else:  # pre-tokenized: as it is
+                ids, prefix, suffix, width = doc, [], [], context_length
+            starts = range(0, len(ids), width) if split else range(0, min(len(ids), 1))
+            for start in starts:
+                yield [*prefix, *ids[start:start + width], *suffix], consumed + 1
             consumed += 1
-            if ids:
-                yield [*special.prefix, *ids[:room], *special.suffix], consumed
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -85,24 +100,26 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def token_batches(documents: Iterable[str], tokenizer, context_length: int = DEFAULT_CONTEXT_LENGTH,
-                  batch_tokens: int = 8192) -> Iterator[TokenBatch]:
+def token_batches(documents: Iterable[str | list[int]], tokenizer, context_length: int = DEFAULT_CONTEXT_LENGTH,
+                  batch_tokens: int = 8192, split: bool = False) -> Iterator[TokenBatch]:
     """Group consecutive sequences into batches whose padded size B x T_max stays within batch_tokens.
 
     A batch always holds at least one sequence. Order is preserved, so a run is reproducible and resumable by
-    skipping the documents an earlier run consumed.
+    skipping the documents an earlier run consumed. A batch's `n_docs` counts the documents it starts; with
+    `split`, the pieces of a long document can spread over several batches, and it is counted in the first.
     """
     special = SpecialTokens.from_tokenizer(tokenizer)
     pending: list[list[int]] = []
     docs_at_last_batch = 0
-    docs_seen = 0
-    for ids, docs_seen in token_sequences(documents, tokenizer, context_length):
+    docs_before = docs_seen = 0  # documents completed before / through the current sequence
+    for ids, docs_seen in token_sequences(documents, tokenizer, context_length, split):
         longest = max([len(ids), *(len(p) for p in pending)])
         if pending and longest * (len(pending) + 1) > batch_tokens:
-            yield _pad(pending, special, docs_seen - 1 - docs_at_last_batch)
-            docs_at_last_batch = docs_seen - 1
+            yield _pad(pending, special, docs_before - docs_at_last_batch)
+            docs_at_last_batch = docs_before
             pending = []
         pending.append(ids)
+        docs_before = docs_seen
     if pending:
         yield _pad(pending, special, docs_seen - docs_at_last_batch)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ranklens.data.corpus import HeldOutSource
+from ranklens.data.corpus import HeldOutSource, splits_documents
 from ranklens.data.tokenize import TokenBatch, first_tokens, lm_predictions, take_tokens, token_batches
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.errors import RanklensError
@@ -37,7 +37,8 @@ EVAL_BATCH_TOKENS = 8192  # padded positions per forward pass
 
 def eval_batches(lm: LoadedModel, source: HeldOutSource) -> Iterator[TokenBatch]:
     """The held-out text of `source` as padded batches, from its start."""
-    return token_batches(source.documents(), lm.tokenizer, source.context_length, EVAL_BATCH_TOKENS)
+    return token_batches(source.documents(), lm.tokenizer, source.context_length, EVAL_BATCH_TOKENS,
+                         split=splits_documents(source.corpus))
 
 
 class HeldOutSet:

@@ -8,8 +8,11 @@ Definitions (the README's Definitions; App. B of the dimensional-collapse paper;
   replaced by zero; `delta_lm_loss = ce_spliced - ce_clean`;
   `loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)`.
 
-Logits are computed in chunks of positions, so a 49k-token vocabulary never materializes a [batch, seq, vocab]
-tensor for a whole batch.
+Logits are computed a chunk of positions at a time, and the chunk is sized in bytes, not rows
+(`logit_chunk_rows`): a fixed 2,048 rows was 2 GB of float32 logits at Gemma 3's 262,144-token vocabulary (and
+as much again for the log-softmax), enough to get the process killed on a 24 GB machine, while at a 49k vocabulary
+it was 400 MB. Peak scratch memory is now about 3 x LOGIT_BYTES (the logits in the model's dtype, their float32
+copy, the log-softmax) whatever the vocabulary; tests/test_lm_loss.py measures it at 262k.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from ranklens.lm.sites import Architecture, Site
 from ranklens.lm.splice import RowMap, SequenceSplice, replace_site, skip_prefix
 from ranklens.progress import progress_bar
 
-_LOGIT_CHUNK = 2048  # positions per LM-head matmul
+LOGIT_BYTES = 64 << 20  # float32 logits per LM-head matmul (64 MiB: 256 rows at 65k, 64 rows at 262k)
+
+
+def logit_chunk_rows(vocab: int, budget: int | None = None) -> int:
+    """Positions per LM-head chunk so that one chunk's float32 logits [rows, vocab] fit in `budget` bytes
+    (LOGIT_BYTES by default); at least one row."""
+    budget = LOGIT_BYTES if budget is None else budget
+    return max(1, budget // (4 * max(int(vocab), 1)))
 
 
 def lm_head(model: torch.nn.Module, arch: Architecture) -> torch.nn.Module:
@@ -49,12 +59,14 @@ def _sum_ce(model: torch.nn.Module, arch: Architecture, batch: TokenBatch) -> tu
     h = hidden[:, :-1][pairs]  # [n, d]
     targets = batch.input_ids[:, 1:][pairs]
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    step = logit_chunk_rows(head.weight.shape[0])
     total = 0.0
-    for start in range(0, h.shape[0], _LOGIT_CHUNK):
-        logits = head(h[start:start + _LOGIT_CHUNK]).float()
+    for start in range(0, h.shape[0], step):
+        logits = head(h[start:start + step]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        total += float(F.cross_entropy(logits, targets[start:start + _LOGIT_CHUNK], reduction="sum"))
+        total += float(F.cross_entropy(logits, targets[start:start + step], reduction="sum"))
+        del logits  # free this chunk before the next one is formed
     return total, int(pairs.sum())
 
 

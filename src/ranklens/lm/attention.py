@@ -30,7 +30,9 @@ How each family's fused or transposed layout maps to it (transformers 5.23, ``mo
   ``kv_group(h) = h // (n_heads // n_kv_heads)``. Qwen2 has q/k/v biases; Qwen3 RMS-normalizes q and k per head
   (``q_norm``/``k_norm``, computed in float32 like the model); Gemma 2 scales by ``query_pre_attn_scalar ** -0.5``
   and soft-caps the logits (``attn_logit_softcapping``); Mistral (all layers) and the "sliding_attention" layers of
-  Qwen2/Qwen3/Gemma 2 attend within a sliding window (key j visible from query i iff i - j < window).
+  Qwen2/Qwen3/Gemma 2/Gemma 3 attend within a sliding window (key j visible from query i iff i - j < window).
+  Gemma 3 has q/k norms with (1 + w) weights, no soft-cap, and per-layer RoPE: sliding and full-attention layers
+  rotate with their own frequencies (``RopeSpec.from_module(..., layer_type=...)``).
 - GPT-2: ``c_attn`` is a Conv1D with weight [d, 3d] (y = x W + b): columns [0, d) are the queries, [d, 2d) the keys,
   [2d, 3d) the values, each split into heads of d_head consecutive columns. The scale is the module's own
   ``scaling`` (``scale_attn_weights`` and ``scale_attn_by_inverse_layer_idx`` folded in). Absolute positions.
@@ -114,26 +116,36 @@ class RopeSpec:
         return 2 * int(self.inv_freq.numel())
 
     @classmethod
-    def from_module(cls, module: nn.Module, theta: float | None = None) -> RopeSpec:
-        """From a Hugging Face rotary embedding module (``model.model.rotary_emb``)."""
+    def from_module(cls, module: nn.Module, theta: float | None = None, layer_type: str | None = None) -> RopeSpec:
+        """From a Hugging Face rotary embedding module (``model.model.rotary_emb``).
+
+        Gemma 3's module holds one set of frequencies per attention type (``rope_type`` is a dict such as
+        {"sliding_attention": "default", "full_attention": "linear"}, buffers ``{layer_type}_inv_freq``, floats
+        ``{layer_type}_attention_scaling``): pass the layer's ``layer_type`` to get that layer's rotation."""
         rope_type = getattr(module, "rope_type", "default")
+        prefix = ""
+        if isinstance(rope_type, dict):
+            if layer_type not in rope_type:
+                raise RanklensError(
+                    f"{type(module).__name__} has per-layer rope types {rope_type!r}; expected a layer_type among "
+                    f"{', '.join(map(repr, rope_type))}, got {layer_type!r}"
+                )
+            rope_type, prefix = rope_type[layer_type], f"{layer_type}_"
         if not isinstance(rope_type, str):
-            raise RanklensError(
-                f"rotary embedding with per-layer rope types {rope_type!r} is not supported; expected one rope type"
-            )
+            raise RanklensError(f"rope_type {rope_type!r} is not supported; expected a string or a dict per layer type")
         if "dynamic" in rope_type or "longrope" in rope_type:
             raise RanklensError(
                 f"rope_type {rope_type!r} changes its frequencies with the sequence length and is not supported; "
                 "expected a static rope type (default, linear, llama3, yarn, ...)"
             )
-        inv_freq = getattr(module, "inv_freq", None)
+        inv_freq = getattr(module, f"{prefix}inv_freq", None)
         if not isinstance(inv_freq, torch.Tensor):
             raise RanklensError(
-                f"{type(module).__name__} has no inv_freq buffer; expected a rotary embedding module"
+                f"{type(module).__name__} has no {prefix}inv_freq buffer; expected a rotary embedding module"
             )
         return cls(
             inv_freq=inv_freq.detach().float().clone(),
-            attention_scaling=float(getattr(module, "attention_scaling", 1.0)),
+            attention_scaling=float(getattr(module, f"{prefix}attention_scaling", 1.0)),
             rope_type=rope_type,
             theta=theta,
         )
@@ -337,6 +349,13 @@ def mhsa_weights(model: nn.Module | Architecture, layer: int) -> MHSAWeights:
     sliding_window: int | None = None
     softcap: float | None = None
     rope_params = getattr(config, "rope_parameters", None) or {}
+    # Gemma 3 keeps one rope setting per attention type ("sliding_attention" layers theta 1e4, "full_attention"
+    # layers 1e6 with its own scaling); the layer's attention module names its type.
+    layer_type = getattr(getattr(block, "self_attn", None), "layer_type", None)
+    if isinstance(rope_params, dict) and isinstance(rope_params.get(layer_type), dict):
+        rope_params = rope_params[layer_type]
+    else:
+        layer_type = None
     theta = rope_params.get("rope_theta") if isinstance(rope_params, dict) else None
 
     if arch.family == "llama":
@@ -344,13 +363,13 @@ def mhsa_weights(model: nn.Module | Architecture, layer: int) -> MHSAWeights:
         W_Q, b_Q = _heads(attn.q_proj.weight, H, dh), _bias_heads(attn.q_proj.bias, H, dh)
         W_K, b_K = _heads(attn.k_proj.weight, Hkv, dh), _bias_heads(attn.k_proj.bias, Hkv, dh)
         W_V, b_V = _heads(attn.v_proj.weight, Hkv, dh), _bias_heads(attn.v_proj.bias, Hkv, dh)
-        positions = RopeSpec.from_module(arch.base_model.rotary_emb, theta=theta)
+        positions = RopeSpec.from_module(arch.base_model.rotary_emb, theta=theta, layer_type=layer_type)
         if getattr(attn, "q_norm", None) is not None:
             q_norm = RMSNormSpec.from_module(attn.q_norm)
             k_norm = RMSNormSpec.from_module(attn.k_norm)
         if arch.model_type == "mistral":  # every layer; the mask is built from config.sliding_window
             sliding_window = getattr(config, "sliding_window", None)
-        else:  # Qwen2/Qwen3/Gemma 2: set on the module for "sliding_attention" layers only
+        else:  # Qwen2/Qwen3/Gemma 2/Gemma 3: set on the module for "sliding_attention" layers only
             sliding_window = getattr(attn, "sliding_window", None)
         softcap = getattr(attn, "attn_logit_softcapping", None)
         scale = float(getattr(attn, "scaling", dh**-0.5))

@@ -16,13 +16,14 @@ Per-head outputs O_i = Z_i W^O_i are derived from `attn_z` and the output projec
 
 Families and their residual arithmetic (all checked in tests/test_capture.py against the model's own modules):
 
-- `llama` (Llama, Mistral, Qwen2, Qwen3, Gemma): pre-LN, sequential.
+- `llama` (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3): pre-LN, sequential.
   resid_post = resid_pre + attn_out + mlp_out, attn_in = input_layernorm(resid_pre),
   mlp_in = post_attention_layernorm(resid_pre + attn_out).
-  Gemma 2 has "sandwich" norms: post_attention_layernorm acts on the attention output and post_feedforward_layernorm on
+  Gemma 2 and Gemma 3 (`gemma3_text`) have "sandwich" norms: post_attention_layernorm acts on the attention output and post_feedforward_layernorm on
   the MLP output before the residual adds. attn_out and mlp_out stay the raw projections (the paper's O = Z W^O), so
   resid_mid = resid_pre + post_attention_layernorm(attn_out), mlp_in = pre_feedforward_layernorm(resid_mid),
-  resid_post = resid_mid + post_feedforward_layernorm(mlp_out).
+  resid_post = resid_mid + post_feedforward_layernorm(mlp_out). Gemma's RMSNorms scale by (1 + weight), so the
+  arithmetic holds with the modules themselves, never with a bare `weight * x / rms(x)`.
 - `gpt2`: pre-LN, sequential, weights in Conv1D layout ([in, out]); `output_projection` returns them Linear-style.
 - `gpt_neox` (Pythia): pre-LN; with `use_parallel_residual` both branches read resid_pre:
   resid_post = resid_pre + attn_out + mlp_out and mlp_in = post_attention_layernorm(resid_pre); otherwise sequential.
@@ -154,7 +155,7 @@ def parse_sites(pattern: str, n_layers: int) -> list[Site]:
 # Architecture families
 # --------------------------------------------------------------------------------------------------------------------
 
-_LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+_LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 # model_type -> family
 _FAMILIES: dict[str, str] = {t: "llama" for t in _LLAMA_TYPES} | {
     "gpt2": "gpt2",
@@ -162,8 +163,8 @@ _FAMILIES: dict[str, str] = {t: "llama" for t in _LLAMA_TYPES} | {
     "bert": "bert",
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
-# Llama-family model types whose blocks normalize each branch's output before the residual add (Gemma 2).
-_SANDWICH_NORM_TYPES = frozenset({"gemma2"})
+# Llama-family model types whose blocks normalize each branch's output before the residual add (Gemma 2 and 3).
+SANDWICH_NORM_TYPES = frozenset({"gemma2", "gemma3_text"})
 
 
 @dataclass(eq=False)
@@ -242,7 +243,7 @@ def _llama_hooks(arch: Architecture, block: nn.Module, kind: str) -> tuple[nn.Mo
     if kind == "mlp_in":
         norm = (
             block.pre_feedforward_layernorm
-            if arch.model_type in _SANDWICH_NORM_TYPES
+            if arch.model_type in SANDWICH_NORM_TYPES
             else block.post_attention_layernorm
         )
         return norm, "output"

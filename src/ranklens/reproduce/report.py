@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ranklens.data.corpus import splits_documents
 from ranklens.io import atomic_write_bytes, atomic_write_json
 from ranklens.report.html import Report, software_versions
 from ranklens.reproduce.presets import ReproduceConfig
@@ -49,6 +50,9 @@ def scale(cfg: ReproduceConfig, plan_info: dict[str, Any]) -> dict[str, Any]:
         "experiments": ", ".join(cfg.experiments),
         "model": f"{cfg.model} ({plan_info['n_layers']} layers, d = {d}); middle layer {plan_info['middle_layer']}",
         "corpus": cfg.corpus,
+        "documents": (f"split into contexts of {cfg.context_length:,} tokens (every token used)"
+                      if splits_documents(cfg.corpus) else
+                      f"truncated to {cfg.context_length:,} tokens behind <bos> (App. E.2)"),
     }
     if ran & {"low_rank", "wo"}:
         rows.update({"spectrum tokens per site": cfg.spectrum_tokens,

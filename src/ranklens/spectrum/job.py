@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
-from ranklens.data.corpus import iter_documents
+from ranklens.data.corpus import iter_documents, splits_documents
 from ranklens.data.tokenize import token_batches
 from ranklens.distributed import broadcast_error, rank_device, world
 from ranklens.errors import RanklensError
@@ -105,7 +105,8 @@ def _calibrate_norms(lm: LoadedModel, capture: Capturer, cfg: SpectrumConfig) ->
     """Footnote 3: norm statistics per site from the first `outlier_calibration_tokens` tokens."""
     norms = {name: NormStats() for name in capture.names}
     seen = 0
-    for batch in token_batches(_documents(cfg, 0), lm.tokenizer, cfg.context_length, cfg.batch_tokens):
+    for batch in token_batches(_documents(cfg, 0), lm.tokenizer, cfg.context_length, cfg.batch_tokens,
+                               split=splits_documents(cfg.corpus)):
         acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
         for name, a in acts.items():
             norms[name].update(a[batch.stat_mask.to(a.device)])
@@ -164,8 +165,14 @@ def _accumulate_own(lm: LoadedModel, sites: list[Site], split_sites: set[str], c
     bar = tqdm(total=cfg.tokens, initial=state.tokens_done, unit="tok", desc="spectrum", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     last_save = time.monotonic()
-    for batch in token_batches(_documents(cfg, state.docs_done), lm.tokenizer, cfg.context_length,
-                               cfg.batch_tokens):
+    # Split documents (a long document cut into contexts) can stop a checkpoint mid-document: resume by skipping
+    # the batches done (the same on every run) rather than the documents done.
+    splits = splits_documents(cfg.corpus)
+    batches = token_batches(_documents(cfg, 0 if splits else state.docs_done), lm.tokenizer, cfg.context_length,
+                            cfg.batch_tokens, split=splits)
+    if splits:
+        batches = itertools.islice(batches, state.batches_done, None)
+    for batch in batches:
         if state.tokens_done >= cfg.tokens:
             break
         take = min(batch.n_tokens, cfg.tokens - state.tokens_done)  # exactly `tokens` tokens in all

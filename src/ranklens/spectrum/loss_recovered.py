@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ranklens.data.corpus import iter_documents
+from ranklens.data.corpus import iter_documents, splits_documents
 from ranklens.data.tokenize import TokenBatch, first_tokens, token_batches
 from ranklens.errors import RanklensError
 from ranklens.eval.lm_loss import cross_entropies, layer_inputs, zero_ablation
@@ -30,7 +30,7 @@ from ranklens.spectrum.config import SpectrumConfig
 def held_out_batches(lm: LoadedModel, cfg: SpectrumConfig, skip_docs: int) -> list[TokenBatch]:
     """Whole sequences of the documents after the accumulated ones, until `loss_tokens` tokens."""
     batches = first_tokens(token_batches(itertools.islice(iter_documents(cfg.corpus, seed=cfg.seed), skip_docs, None), lm.tokenizer, cfg.context_length,
-                                         cfg.batch_tokens), cfg.loss_tokens)
+                                         cfg.batch_tokens, split=splits_documents(cfg.corpus)), cfg.loss_tokens)
     if not batches:
         raise RanklensError(f"corpus {cfg.corpus!r} has no documents left for held-out loss evaluation after "
                             f"{skip_docs} documents; lower --tokens or use a larger corpus")

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from ranklens.distributed import Layout
 from ranklens.errors import RanklensError
-from ranklens.io import atomic_write_bytes
+from ranklens.io import atomic_write_bytes, atomic_write_text
 from ranklens.tensor_tree import TreeFileError, load_tree, save_tree
 from ranklens.train.dead import FiringTracker
 from ranklens.train.optim import make_optimizer
@@ -337,9 +339,27 @@ class Trainer:
             print("warning: --wandb-project given but wandb is not installed; logging to metrics.jsonl only",
                   file=sys.stderr)
             return
-        self._wandb = wandb.init(project=self.settings.wandb_project, resume="allow",
-                                 **({} if self.run_dir is None else {"dir": str(self.run_dir),
-                                                                     "id": self.run_dir.name}))
+        where = {} if self.run_dir is None else {"dir": str(self.run_dir), "id": wandb_run_id(self.run_dir),
+                                                  "name": self.run_dir.name}
+        self._wandb = wandb.init(project=self.settings.wandb_project, resume="allow", **where)
+
+
+WANDB_ID_NAME = "wandb_id.txt"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The Weights & Biases run id of a run directory: made once (its name plus 8 random hex digits) and kept in
+    the directory, so a resumed run logs into its own wandb run, and two run directories that share a name (say
+    runs/a/sae and runs/b/sae) never log into one wandb run, as they did when the id was the name."""
+    path = Path(run_dir) / WANDB_ID_NAME
+    if path.exists():
+        saved = path.read_text().strip()
+        if saved:
+            return saved
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(run_dir).resolve().name).strip("-")[:48] or "run"
+    run_id = f"{stem}-{uuid.uuid4().hex[:8]}"
+    atomic_write_text(path, run_id + "\n")
+    return run_id
 
 
 def remove_checkpoints(run_dir: str | Path) -> None:
