@@ -56,12 +56,11 @@ def feature_data(record: dict, windows: list[dict], kind: str, *, explain_top: i
     held_top = top[1::2][:score_top]
     order = list(range(len(windows)))
     random.Random(seed * 1_000_003 + fid).shuffle(order)
-    drawn = [window_context(windows[i], fid) for i in order]
-    negatives = [c for c in drawn if not any(a > 0 for a in c["acts"])]
+    drawn = [trim(window_context(windows[i], fid), before, after) for i in order]
+    negatives = [c for c in drawn if not any(a > 0 for a in c["acts"])]  # quiet where the judge looks
     cut = [trim(c, before, after) for c in explain]
     max_act = float(record["max_act"] or 0.0)
     if not max_act > 0:
         max_act = max((a for c in top for a in c["acts"]), default=0.0)
     return FeatureData(fid, kind, max_act, cut, [trim(c, before, after) for c in held_top],
-                       [trim(c, before, after) for c in drawn[:score_random]],
-                       [trim(c, before, after) for c in negatives[:max(score_top, score_random)]])
+                       drawn[:score_random], negatives[:max(score_top, score_random)])
