@@ -156,7 +156,13 @@ class Judge:
         out: list[str | None] = [None] * len(jobs)
         with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(jobs))) as pool:
             futures = {pool.submit(self.complete, m, t): i for i, (m, t) in enumerate(jobs)}
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # Ctrl+C: send nothing more (the pool would otherwise drain every job first)
+                self._stop.set()
+                for f in futures:
+                    f.cancel()
+                raise
             errors = [f.exception() for f in done if f.exception() is not None]
             if errors:
                 self._stop.set()
