@@ -124,7 +124,10 @@ def test_parse_simulation_aligns_lines_and_counts_unreadable():
 def test_parse_answers_and_rating_and_explanation():
     assert prompts.parse_answers("1: 1\n2: 0\n3: yes\nfoo", 4) == [1, 0, 1, None]
     assert prompts.parse_rating("Rating: 4 out of 5") == 4
+    assert prompts.parse_rating("5") == 5 and prompts.parse_rating(" 3.") == 3
     assert prompts.parse_rating("none") is None
+    assert prompts.parse_rating("1. the<< cat>> sat") is None  # an echoed excerpt, not a rating
+    assert prompts.parse_rating("12") is None and prompts.parse_rating("7") is None
     assert prompts.clean_explanation('\n"Explanation: animal names"\nmore') == "animal names"
 
 

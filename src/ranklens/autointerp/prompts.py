@@ -188,6 +188,7 @@ def parse_answers(text: str, n: int) -> list[int | None]:
 
 
 def parse_rating(text: str) -> int | None:
-    """The first digit 1-5 of an answer, or None."""
-    m = re.search(r"[1-5]", text)
-    return int(m.group(0)) if m else None
+    """The rating 1-5 an answer starts with ("4", "Rating: 4 out of 5"), or None. A digit that opens a numbered
+    line ("1. the cat ...", a judge echoing the excerpts) is not a rating: counting it would score such answers 1."""
+    m = re.match(r"\s*(?:(?:rating|score)\s*[:=]?\s*)?([1-5])(?![\d)])(?!\.\s*\S)", text, flags=re.IGNORECASE)
+    return int(m.group(1)) if m else None
