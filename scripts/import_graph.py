@@ -30,7 +30,8 @@ LAYERS: list[list[str]] = [
     ["dictionaries"],
     ["eval", "report"],
     ["train", "spectrum", "analysis"],
-    ["dashboard", "autointerp"],
+    ["dashboard"],
+    ["autointerp"],  # reads the dashboard's scan from its site and writes its results back into it
     ["reproduce", "api"],
     ["cli"],
     ["__main__", "__init__"],

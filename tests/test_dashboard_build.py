@@ -4,6 +4,7 @@ browser; the prompt analyzer of `ranklens serve` agrees with the same computatio
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -139,6 +140,19 @@ def test_sae_pages_equal_brute_force(runs, tiny_dir):
             for c in interval["examples"]:
                 assert lo * (1 - 1e-4) < c["acts"][c["peak"]] <= hi * (1 + 1e-4)
         assert 0.0 <= rec["subspace_share"] <= 1.0 + 1e-6
+    # the random windows autointerp scores on: every active feature at every token, as the brute force has it
+    windows = json.loads((site / "random_windows.json").read_text())["windows"]
+    assert len(windows) == min(CFG.random_windows, TOKENS)
+    for w in windows:
+        assert len(w["codes"]) == len(w["tokens"]) and 0 <= w["peak"] < len(w["tokens"])
+        start = w["pos"] - w["peak"]
+        assert w["tokens"] == [lm.tokenizer.decode([i]) for i in ids[w["doc"]][start:start + len(w["tokens"])]]
+        for j, code in enumerate(w["codes"]):
+            key = (w["doc"], w["pos"] - w["peak"] + j)
+            want = {f: float(v) for f, v in enumerate(codes[key].tolist()) if v > 0} if key in codes else {}
+            assert {f for f, _ in code} == set(want)
+            for f, v in code:
+                assert v == pytest.approx(want[f], rel=1e-4, abs=1e-5)
 
 
 @torch.no_grad()

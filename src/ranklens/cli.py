@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ranklens.analysis.config import LorsaTopConfig, ZPatternConfig
+from ranklens.autointerp.config import CompareConfig, ExplainConfig, ScoreConfig
 from ranklens.config import Config, flag
 from ranklens.dashboard.config import DashboardConfig, ServeConfig
 from ranklens.data.config import CollectConfig
@@ -241,6 +242,24 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serve_dashboard(args.directory, _config(args, ServeConfig))
 
 
+def _cmd_autointerp(args: argparse.Namespace) -> None:
+    from ranklens.autointerp.jobs import run_compare, run_explain, run_score
+    from ranklens.autointerp.report import describe_compare, describe_scores
+
+    common = dict(command=_command_line(), progress=not args.quiet)
+    if args.what == "explain":
+        result = run_explain(args.run, _config(args, ExplainConfig), args.out, **common)
+        for fid, expl in result["features"].items():
+            print(f"{fid:>6}  {expl.get('activation', '')}")
+            if "z_pattern" in expl:
+                print(f"{'':>6}  z: {expl['z_pattern']}")
+    elif args.what == "score":
+        print(describe_scores(run_score(args.run, _config(args, ScoreConfig), args.out, **common)))
+    else:
+        print(describe_compare(run_compare(args.run_a, args.run_b, _config(args, CompareConfig), args.out,
+                                           **common)))
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from ranklens.reproduce.job import reproduce
 
@@ -323,6 +342,26 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                            "Lorsa heads, with their z-patterns) fire on each token", ServeConfig, _cmd_serve,
              out=False)
     p.add_argument("directory", help="a dashboard directory written by `ranklens dashboard`")
+    auto = sub.add_parser("autointerp", help="explain and score features with a judge LM behind any "
+                                             "OpenAI-compatible endpoint").add_subparsers(dest="what", required=True,
+                                                                                          metavar="WHAT")
+    run_help = "a `train sae` / `train lorsa` run directory (its dashboard is built when missing) or a dashboard"
+    out_help = "where the results go (default: RUN/autointerp)"
+    p = _job(auto, "explain", "explain sampled features (SAE: top activations and interval samples; Lorsa: top "
+                              "activations and z-patterns, Lorsa paper App. D) into explanations.json",
+             ExplainConfig, _cmd_autointerp, out=False)
+    p.add_argument("run", help=run_help)
+    p.add_argument("--out", metavar="DIR", help=out_help)
+    p = _job(auto, "score", "explain and score sampled features (simulation as in Bills et al., detection, "
+                            "fuzzing) beside a random-explanation floor, into scores.json", ScoreConfig,
+             _cmd_autointerp, out=False)
+    p.add_argument("run", help=run_help)
+    p.add_argument("--out", metavar="DIR", help=out_help)
+    p = _job(auto, "compare", "two dictionaries of the same site: N features each, blinded and shuffled, scored by "
+                              "the same judge (and the App. N.1 rubric), Welch t-tests, into compare.json",
+             CompareConfig, _cmd_autointerp)
+    p.add_argument("run_a", metavar="RUN_A", help=run_help)
+    p.add_argument("run_b", metavar="RUN_B", help=run_help)
     preset = _preset_in(argv)
     _job(sub, "reproduce", "the experiments of the dimensional-collapse paper as one resumable pipeline (preset "
                            "quick, standard, long or paper), with results.json and a report with computed verdicts",

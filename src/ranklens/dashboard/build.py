@@ -24,6 +24,7 @@ from ranklens.config import DEFAULT_CONTEXT_LENGTH
 from ranklens.dashboard.config import DashboardConfig
 from ranklens.dashboard.geometry import logit_directions, logit_effects, neighbours, subspace_share, unit_rows
 from ranklens.dashboard.scan import Scan, Tokens, scan_lorsa, scan_sae
+from ranklens.dashboard.site_reader import RANDOM_WINDOWS_NAME
 from ranklens.dashboard.site_writer import write_compare, write_site
 from ranklens.data.corpus import HeldOutSource
 from ranklens.data.sequences import lorsa_sites
@@ -173,6 +174,28 @@ def _context(text: Tokens, vocab: Vocabulary, token: int, feature: int, before: 
     return ctx
 
 
+def random_windows(text: Tokens, vocab: Vocabulary, n: int, before: int, after: int, seed: int) -> list[dict]:
+    """``n`` windows around ordinary tokens drawn uniformly (without replacement, fixed by the seed), each with the
+    code of every token in it: ``codes[j]`` lists ``[feature, act]`` of every feature active at token j. These are
+    the random held-out contexts of Bills et al. (2023) that autointerp scores on (most features are 0 on them)."""
+    if n == 0 or text.n == 0:
+        return []
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randperm(text.n, generator=g)[:n].sort().values.tolist()
+    out = []
+    for token in centres:
+        w = text.window(token, -1, before, after)  # feature -1: acts all zero; the codes come below
+        codes = []
+        for row in text.flat_rows[w["lo"]:w["lo"] + len(w["ids"])].tolist():
+            if row < 0:
+                codes.append([])
+                continue
+            vals, idx = text.values[row].tolist(), text.indices[row].tolist()
+            codes.append([[int(f), round(float(v), 5)] for f, v in zip(idx, vals, strict=True) if v != 0])
+        out.append({"tokens": vocab(w["ids"]), "peak": w["peak"], "doc": w["doc"], "pos": w["pos"], "codes": codes})
+    return out
+
+
 def _top_tokens(contexts: list[dict], n: int = 5) -> list[str]:
     seen: list[str] = []
     for ctx in contexts:
@@ -255,7 +278,10 @@ def build_dashboard(directory: str | Path, cfg: DashboardConfig, out: str | Path
     summary = {"kind": opened.kind, "title": opened.title, "n_features": n, "n_dead": n_dead, "tokens": text.n,
                "subspace_dim": dim, "density": [r["density"] for r in index],
                "subspace_share": [r["subspace_share"] for r in index]}
-    return write_site(out, meta, index, records(), extra_files={SUMMARY_NAME: json.dumps(summary).encode()})
+    windows = random_windows(text, vocab, cfg.random_windows, cfg.before, cfg.after, cfg.seed)
+    return write_site(out, meta, index, records(), extra_files={
+        SUMMARY_NAME: json.dumps(summary).encode(),
+        RANDOM_WINDOWS_NAME: json.dumps({"windows": windows}).encode()})
 
 
 # --------------------------------------------------------------------------- comparison

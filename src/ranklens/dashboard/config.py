@@ -33,6 +33,9 @@ class DashboardConfig(Config):
     per_interval: int = Field(5, ge=1, description="examples per interval")
     before: int = Field(16, ge=0, description="context tokens shown before an activating token")
     after: int = Field(6, ge=0, description="context tokens shown after it")
+    random_windows: int = Field(64, ge=0, description="random context windows kept with every active feature's "
+                                                     "activation at each token (autointerp's random held-out "
+                                                     "contexts)")
     neighbours: int = Field(8, ge=1, description="nearest features by decoder cosine")
     logit_tokens: int = Field(10, ge=1, description="promoted and suppressed tokens shown")
     subspace_dim: int | Literal["auto"] = Field(

@@ -18,6 +18,7 @@
     else if (kind === "index") store.index[key] = payload;
     else if (kind === "features") store.chunks.set(key, payload);
     else if (kind === "compare") store.compare = payload;
+    else if (kind === "autointerp") store.autointerp = payload;
   };
 
   // ------------------------------------------------------------------ small helpers
@@ -563,6 +564,10 @@
     ];
     if (kind === "lorsa") cols.push({ key: "qk_group", label: "QK group", width: "92px", numeric: true, sortable: true });
     cols.push({ key: "top_tokens", label: "top tokens", width: "minmax(260px, 1fr)" });
+    if (state.ai) {
+      cols.push({ key: "ai_score", label: "sim score", width: "92px", numeric: true, sortable: true });
+      cols.push({ key: "explanation", label: "explanation", width: "minmax(240px, 1.4fr)" });
+    }
     return cols;
   }
 
@@ -578,8 +583,48 @@
       case "subspace_share": return fmt(idx.subspace_share[row], 3);
       case "qk_group": return isNum(idx.qk_group[row]) ? String(idx.qk_group[row]) : "n/a";
       case "top_tokens": return h("span", { class: "chips" }, idx.tops[row].map((t) => tokenChip(t)));
+      case "ai_score": return fmt(idx.ai_score[row], 3);
+      case "explanation": {
+        const e = aiEntry(idx.id[row]);
+        return e ? h("span", { class: "explanation", title: e.explanation, text: e.explanation }) : "";
+      }
       default: return "";
     }
+  }
+
+  /** The autointerp result of a feature ({explanation, z_explanation?, scores?, floor?}), or null. */
+  function aiEntry(id) {
+    return state.ai ? state.ai.features[String(id)] || null : null;
+  }
+
+  /** Adds the autointerp columns (headline simulation score; explanation, searchable) to the index. */
+  function attachAi(idx) {
+    idx.ai_score = new Float64Array(idx.n).fill(NaN);
+    for (let r = 0; r < idx.n; r++) {
+      const e = aiEntry(idx.id[r]);
+      if (!e) continue;
+      const s = e.scores && e.scores.simulation;
+      if (isNum(s)) idx.ai_score[r] = s;
+      idx.search[r] += "\u0000" + String(e.explanation || "").toLowerCase();
+    }
+  }
+
+  function aiSection(e) {
+    const names = { simulation: "simulation (correlation)", simulation_z: "z-pattern simulation (correlation)",
+      detection: "detection (balanced accuracy)", fuzzing: "fuzzing (balanced accuracy)" };
+    const rows = Object.entries(e.scores || {}).map(([m, v]) => h("tr", null, h("td", { text: names[m] || m }),
+      h("td", { class: "num", text: fmt(v, 3) }), h("td", { class: "num", text: fmt((e.floor || {})[m], 3) })));
+    return h("section", { class: "card", id: "autointerp" },
+      h("h3", { text: "Explanation (automated interpretability)" }),
+      h("p", { class: "explanation-text", id: "explanation", text: e.explanation || "(none)" }),
+      e.z_explanation ? h("p", { class: "explanation-text", id: "z-explanation" },
+        h("span", { class: "muted", text: "z-pattern: " }), String(e.z_explanation)) : null,
+      rows.length ? h("table", { class: "data", id: "autointerp-scores" },
+        h("thead", null, h("tr", null, h("th", { text: "score" }), h("th", { class: "num", text: "this explanation" }),
+          h("th", { class: "num", text: "random explanation (floor)" }))),
+        h("tbody", null, rows)) : h("p", { class: "muted", text: "Not scored yet (ranklens autointerp score)." }),
+      h("p", { class: "caption", text: `Judge: ${state.ai.judge}. Explained from the top activating contexts ` +
+        "shown below; scored on held-out ones." }));
   }
 
   function sortIndex() {
@@ -956,6 +1001,8 @@
       h("span", { class: "chips" }, idx.tops[row].map((t) => tokenChip(t))));
     $("feature-status").remove();
     view.append(stats, topTokens);
+    const ai = aiEntry(id);
+    if (ai) view.append(aiSection(ai));
     if (!rec) {
       view.append(h("p", { class: "note", id: "no-record",
         text: `No detail record was written for ${noun.toLowerCase()} ${id}; only its table row is known.` }));
@@ -1247,7 +1294,16 @@
       showLoadError("A file of the feature table holds no data. Rebuild the site.");
       return;
     }
+    if (manifest.files.autointerp) {
+      try {
+        await loadScript(manifest.files.autointerp);
+        state.ai = store.autointerp || null;
+      } catch (err) {
+        state.ai = null; // the explanations are an extra: the table works without them
+      }
+    }
     state.idx = buildIndex(parts, meta.kind);
+    if (state.ai) attachAi(state.idx);
     parts.forEach((_, i) => delete store.index[i]);
     renderHeader(meta, manifest);
     renderDensity(meta);
