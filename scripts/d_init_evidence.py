@@ -71,13 +71,16 @@ def main() -> int:
     for key in args.sites.split(","):
         model, site = key.split("/")
         lm = load_model(model, "auto", "cpu")
-        store = collect(CollectConfig(model=model, sites=site, tokens=args.store_tokens, seed=0),
+        # App. E.2's 1,024 tokens, or fewer for absolute-position models (MiniLM has 512 positions)
+        context_length = min(1024, getattr(lm.model.config, "max_position_embeddings", 1024))
+        store = collect(CollectConfig(model=model, sites=site, tokens=args.store_tokens, seed=0,
+                                      context_length=context_length),
                         out / "stores" / f"{model}-{site}", progress=False, lm=lm)
         d = store.sites[site]
         spectrum = spectrum_summary(store, site, 100_000)
         d_inits = sorted({max(1, round(f * d)) for f in fractions})
         cells = [("standard", None)] + [("asi", v) for v in d_inits]
-        base = dict(model=model, site=site, store=str(store.directory), tokens=args.tokens,
+        base = dict(model=model, site=site, store=str(store.directory), tokens=args.tokens, context_length=context_length,
                     batch_size=args.batch_size, expansion=8, k=50, lr=args.lr, warmup_steps=50,
                     b_dec_init="mean", init_tokens=100_000, eval_tokens=args.eval_tokens, lm_eval_tokens=0,
                     train_dtype="bfloat16", shuffle_buffer_tokens=262_144, checkpoint_every=200)
