@@ -64,19 +64,21 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     for metric, label in _metrics(result).items():
         groups = {f"d_init={v}": values(result, ns, metric) for v, ns in lay["d_init_sweep"].items()}
         out.append(bonferroni_any(f"Some d_init below d lowers the {label} below the standard init (Figure 6)",
-                                  groups, values(result, base, metric), name_b="standard init", alpha=alpha))
+                                  groups, values(result, base, metric), name_b="standard init", alpha=alpha)
+                   .named(f"asi.d_init_sweep.{metric}"))
     main = lay["k_sweep"][str(lay["k_main"])]
     for baseline in ("TopK", "AuxK"):
         for metric, label in _metrics(result).items():
             out.append(welch_less(f"At k = {lay['k_main']}, ASI has a lower {label} than {baseline} (App. H, "
                                   "Table 5)", values(result, main["ASI"], metric),
                                   values(result, main[baseline], metric), name_a="ASI", name_b=baseline,
-                                  alpha=alpha))
+                                  alpha=alpha).named(f"asi.k_main.{metric}.{baseline}"))
     ks = sorted(lay["k_sweep"], key=int)
     best = [mean_std(values(result, lay["k_sweep"][k]["ASI"], "fvu"))[0]
             < min(mean_std(values(result, lay["k_sweep"][k][m], "fvu"))[0] for m in ("TopK", "AuxK")) for k in ks]
     out.append(sign_test("ASI reaches the lowest mean FVU of TopK, AuxK and ASI at each k (Figure 7)", best,
-                         units="values of k", alpha=alpha, labels=[f"k={k}" for k in ks]))
+                         units="values of k", alpha=alpha, labels=[f"k={k}" for k in ks])
+               .named("asi.lowest_fvu_each_k"))
     return out
 
 

@@ -67,10 +67,10 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     labels = [f"{e}x" for e in sizes]
     out = [sign_test(f"ASI reaches a lower FVU than {other} at each dictionary size (Figure 8A)",
                      [t["ASI"][e]["fvu"] < t[other][e]["fvu"] for e in sizes], units="sizes", alpha=alpha,
-                     labels=labels) for other in ("TopK", "AuxK")]
+                     labels=labels).named(f"scaling.fvu.{other}") for other in ("TopK", "AuxK")]
     out.append(sign_test("SparseAdam leaves fewer dead features than Adam with ASI at each size (Figure 8B)",
                          [t["ASI + SparseAdam"][e]["train_dead_fraction"] < t["ASI"][e]["train_dead_fraction"] for e in sizes],
-                         units="sizes", alpha=alpha, labels=labels))
+                         units="sizes", alpha=alpha, labels=labels).named("scaling.sparseadam_dead"))
     aux = t["AuxK"]
     pairs = []
     for e in sizes:
@@ -79,7 +79,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
             pairs.append((e, t["ASI"][e]["fvu"] < ref))
     out.append(sign_test("ASI reaches a lower FVU than AuxK with the same number of alive features (Figure 8C)",
                          [ok for _, ok in pairs], units=f"sizes within AuxK's range of alive features (of {len(sizes)})",
-                         alpha=alpha, labels=[f"{e}x" for e, _ in pairs]))
+                         alpha=alpha, labels=[f"{e}x" for e, _ in pairs]).named("scaling.fvu_same_alive"))
     return out
 
 
