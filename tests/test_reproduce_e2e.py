@@ -3,6 +3,7 @@ with every verdict and its statistic, reuse of a finished run, and continuation 
 
 import html
 import json
+import re
 
 import pytest
 import yaml
@@ -10,6 +11,7 @@ import yaml
 from ranklens.cli import main
 from ranklens.reproduce import context as context_module
 from ranklens.reproduce import job
+from ranklens.reproduce import report as rp
 from ranklens.reproduce.context import Context
 from ranklens.reproduce.pipeline import run_steps
 from ranklens.reproduce.plan import ModelShape, Plan
@@ -72,6 +74,11 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
     sites = results["steps"]["dashboards"]["result"]["sites"]
     assert set(sites) == {"TopK SAE", "ASI SAE", "ASI Lorsa"}
     assert all((out / href).exists() and f'href="{html.escape(href)}"' in report for href in sites.values())
+    # The micro config is the quick preset's: its caveat states the steps it trains for, before any verdict.
+    assert "each SAE trains for only 8 steps" in report[:report.index('id="verdicts"')]
+    assert re.search(r'<p class="counts">' + str(n_verdicts) + r" verdicts: ", report)
+    cells = {cell for step in results["steps"].values() for cell in rp.cells_of(step)}
+    assert len(cells) > 20 and {p.stem for p in (out / "figures" / "curves").glob("*.png")} == cells
     z = results["steps"]["lorsa"]["result"]["zpattern"]
     assert z["heads"] and len(z["heads"][0]["row"]) == len(z["heads"][0]["tokens"])
 

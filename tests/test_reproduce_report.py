@@ -76,3 +76,29 @@ def test_verdict_table_has_badges_and_counts(tmp_path, standard):
         assert f'<span class="badge {word.replace(" ", "-")}">{found.count(word)} {word}</span>' in counts.group(2)
     body = table[table.index("<tbody>"):table.index("</tbody>")]
     assert body.count('<span class="badge ') == len(found)
+
+
+def test_a_training_curve_figure_per_sae_cell(tmp_path, standard):
+    """Each cell (the runs of one setting over seeds) whose run directories hold metrics.jsonl and curve.jsonl
+    gets its figure in DIR/figures/curves and in the report; cells whose directories are gone are left out."""
+    out = tmp_path / "run"
+    runs = standard["steps"]["asi"]["result"]["runs"]
+    cells = report.cells_of(standard["steps"]["asi"])
+    assert len(cells) < len(runs) and all(len(ns) == standard["config"]["seeds"] for ns in cells.values())
+    kept = list(cells)[:2]
+    for cell in kept:
+        for i, name in enumerate(cells[cell]):
+            d = out / runs[name]["dir"]
+            d.mkdir(parents=True)
+            d.joinpath("metrics.jsonl").write_text("".join(
+                json.dumps({"step": s, "tokens": 1024 * s, "fvu": 1 / s + 0.01 * i, "dead": 100 * s,
+                            "dead_window_tokens": 2048}) + "\n" for s in (1, 2, 4, 8)))
+            d.joinpath("curve.jsonl").write_text("".join(
+                json.dumps({"step": s, "tokens": 1024 * s, "fvu": 1.2 / s, "eval_dead": 50 * s}) + "\n"
+                for s in (2, 8)))
+    cfg = ReproduceConfig.load(preset="standard", model="smollm2-135m", experiments=["asi"])
+    report.build(out, cfg, standard["plan"], [asi], {"asi": standard["steps"]["asi"]}, None, report.REFERENCE)
+    figures = sorted(p.stem for p in (out / "figures" / "curves").glob("*.png"))
+    assert figures == sorted(kept)
+    page = (out / "report.html").read_text()
+    assert "Training curves" in page and all(f"{cell} (5 seeds). A: FVU" in page for cell in kept)

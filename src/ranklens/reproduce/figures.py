@@ -166,3 +166,69 @@ def heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str], col_la
     if title:
         ax.set_title(title, fontsize=10)
     return save_figure(fig, path)
+
+
+
+def _mean_band(runs: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float, float]]:
+    """(x, mean, std) at each x every run has (std 0 for one run)."""
+    by_x: dict[float, list[float]] = {}
+    for points in runs:
+        for x, y in points:
+            by_x.setdefault(x, []).append(y)
+    out = []
+    for x, ys in sorted(by_x.items()):
+        if len(ys) == len(runs):
+            mean = sum(ys) / len(ys)
+            std = (sum((y - mean) ** 2 for y in ys) / (len(ys) - 1)) ** 0.5 if len(ys) > 1 else 0.0
+            out.append((x, mean, std))
+    return out
+
+
+def training_curve(runs: Sequence[tuple[Sequence[Mapping], Sequence[Mapping], int]], path: Path,
+                   title: str | None = None) -> Path:
+    """The training curves of one cell (its runs over seeds: (metrics.jsonl rows, curve.jsonl rows, features)
+    each) against training tokens, mean and a +-std band over the runs: A, the FVU (on the held-out tokens, from
+    curve.jsonl; of the training batches, from metrics.jsonl); B, the dead fraction (not fired in the training
+    window, from metrics.jsonl once a run has seen a whole window; never firing on the held-out tokens, from
+    curve.jsonl). One legend below the panels."""
+    if not runs:
+        raise ValueError("training_curve: no runs")
+    windows = {r.get("dead_window_tokens") for train, _, _ in runs for r in train if r.get("dead_window_tokens")}
+    window = max(windows) if windows else None
+    series = {
+        "FVU": {
+            "training batches": _mean_band([[(r["tokens"], r["fvu"]) for r in train if r.get("fvu") is not None]
+                                            for train, _, _ in runs]),
+            "held-out tokens": _mean_band([[(r["tokens"], r["fvu"]) for r in curve if r.get("fvu") is not None]
+                                           for _, curve, _ in runs]),
+        },
+        "dead fraction": {
+            (f"training window ({window:,} tokens)" if window else "training window"):
+                _mean_band([[(r["tokens"], r["dead"] / n) for r in train
+                             if r.get("dead") is not None and (window is None or r["tokens"] >= window)]
+                            for train, _, n in runs]),
+            "held-out tokens": _mean_band([[(r["tokens"], r["eval_dead"] / n) for r in curve
+                                            if r.get("eval_dead") is not None] for _, curve, n in runs]),
+        },
+    }
+    if not any(pts for panel in series.values() for pts in panel.values()):
+        raise ValueError("training_curve: no logged points (metrics.jsonl and curve.jsonl are empty or missing)")
+    fig, axes = _figure(2)
+    handles: dict[str, object] = {}
+    for letter, ax, (ylabel, lines) in zip("AB", axes, series.items(), strict=True):
+        for (label, pts), color in zip(lines.items(), ("#7f7f7f", "#d62728"), strict=True):
+            if not pts:
+                continue
+            xs, means, stds = (list(v) for v in zip(*pts, strict=True))
+            (line,) = ax.plot(xs, means, color=color, marker="o", markersize=3, linewidth=1.4, label=label)
+            ax.fill_between(xs, [m - s for m, s in zip(means, stds, strict=True)],
+                            [m + s for m, s in zip(means, stds, strict=True)], color=color, alpha=0.15, linewidth=0)
+            handles.setdefault(label, line)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(ylabel)
+        ax.set_title(letter, loc="left", fontweight="bold")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(4, len(handles)),
+               fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

@@ -7,6 +7,8 @@ title, exact config, equivalent commands, wall time, result and verdicts; the re
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import yaml
 from ranklens.data.corpus import splits_documents
 from ranklens.io import atomic_write_bytes, atomic_write_json
 from ranklens.report.html import Report, software_versions
+from ranklens.reproduce import figures as rfig
 from ranklens.reproduce.presets import ReproduceConfig
 from ranklens.reproduce.results_format import RESULTS_FORMAT, read_results
 from ranklens.reproduce.verdicts import Verdict
@@ -233,6 +236,7 @@ def _report(out: Path, results: dict[str, Any], experiments: list, records: dict
         record = records[module.NAME]
         rep.heading(module.TITLE)
         module.section(rep, record, found[module.NAME], fig_dir)
+        training_curves(rep, out, record, fig_dir)
         _step_details(rep, record)
     other = [r for name, r in records.items() if name not in titles]
     if other:
@@ -251,6 +255,47 @@ def _report(out: Path, results: dict[str, Any], experiments: list, records: dict
     rep.code(yaml.safe_dump(cfg, sort_keys=False).rstrip())
     rep.key_values(results["software"], caption="Software")
     return rep
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def cells_of(record: dict[str, Any]) -> dict[str, list[str]]:
+    """The SAE runs of a step grouped by cell (a run's name without its seed, ``-s<seed>``), in run order."""
+    cells: dict[str, list[str]] = {}
+    runs = (record.get("result") or {}).get("runs") if isinstance(record.get("result"), dict) else None
+    for name, run in (runs or {}).items():
+        if isinstance(run, dict) and str(run.get("dir", "")).startswith("sae/"):
+            cells.setdefault(re.sub(r"-s\d+$", "", name), []).append(name)
+    return cells
+
+
+def training_curves(rep: Report, out: Path, record: dict[str, Any], fig_dir: Path) -> list[Path]:
+    """One figure per SAE cell of a step (its seeds' metrics.jsonl and curve.jsonl, read from the run
+    directories): FVU and dead fraction against training tokens, at DIR/figures/curves/<cell>.png. Cells whose run
+    directories are gone are left out. Returns the figures drawn."""
+    runs = record["result"]["runs"] if isinstance(record.get("result"), dict) else {}
+    drawn = []
+    for cell, names in cells_of(record).items():
+        data = [(_jsonl(out / runs[n]["dir"] / "metrics.jsonl"), _jsonl(out / runs[n]["dir"] / "curve.jsonl"),
+                 int(runs[n]["metrics"].get("n_features") or 0)) for n in names]
+        data = [d for d in data if (d[0] or d[1]) and d[2] > 0]
+        if not data:
+            continue
+        if not drawn:
+            rep.heading("Training curves", level=3)
+            rep.paragraph("One figure per cell: the FVU (A) and the dead fraction (B) against training tokens, "
+                          "mean and one standard deviation over the seeds. Held-out points come from curve.jsonl "
+                          "(the preset's curve_tokens and the end), training points from metrics.jsonl; the training "
+                          "window's dead fraction is drawn once a whole window has been seen.")
+        path = fig_dir / "curves" / f"{cell}.png"
+        seeds = f"{len(data)} seed{'s' if len(data) != 1 else ''}"
+        if rep.add_figure(rfig.training_curve, (data,), path,
+                          f"{cell} ({seeds}). A: FVU on the held-out tokens and of the training batches; B: dead "
+                          "fraction in the training window and on the held-out tokens, against training tokens."):
+            drawn.append(path)
+    return drawn
 
 
 def _step_details(rep: Report, record: dict[str, Any]) -> None:
