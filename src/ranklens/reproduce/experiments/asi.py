@@ -100,12 +100,14 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     panels = [rfig.Panel(label, "d_init", {"ASI": _series(result, lay["d_init_sweep"], metric)},
                          {"TopK": base[metric]}, logx=True) for metric, label in metrics.items()]
     rep.add_figure(rfig.metric_panels, (panels,), fig_dir / "fig6_d_init_sweep.png",
-               "ASI across d_init (mean \u00b1 std over seeds); dashed: the standard init (d_init = d) (cf. Figure 6).")
+               f"ASI across d_init: {rfig.panel_letters(metrics.values())} (mean \u00b1 std over seeds); dashed: the "
+               "standard init (d_init = d) (cf. Figure 6).")
     k_panels = [rfig.Panel(label, "k", {method: _series(result, {k: ms[method] for k, ms in lay["k_sweep"].items()},
                                                         metric) for method in K_METHODS})
                 for metric, label in metrics.items()]
     rep.add_figure(rfig.metric_panels, (k_panels,), fig_dir / "fig7_k_sweep.png",
-               "TopK, AuxK and ASI across k (mean \u00b1 std over seeds) (cf. Figure 7, Table 4).")
+               f"TopK, AuxK and ASI across k: {rfig.panel_letters(metrics.values())} (mean \u00b1 std over seeds) "
+               "(cf. Figure 7, Table 4).")
     rows = [[f"k={k}", label] + [fmt_mean_std(values(result, ms[method], metric)) for method in K_METHODS]
             for k, ms in sorted(lay["k_sweep"].items(), key=lambda kv: int(kv[0])) for metric, label in metrics.items()]
     rows += [[f"k={lay['k_main']}", "dead features (count)"] + [fmt_mean_std(values(

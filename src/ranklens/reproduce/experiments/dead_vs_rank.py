@@ -69,7 +69,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
                   f"training tokens each, at {len(points)} sites of layers {result['layout']['layers']}; a feature is "
                   f"dead if it did not fire in the last {m['dead_window_tokens']:,} training tokens.")
     rep.add_figure(rfig.dead_vs_erank, (points,), fig_dir / "fig5_dead_vs_erank.png",
-               "Dead-feature fraction per layer and site kind (left) and against the site's effective rank (right) "
+               "A: dead-feature fraction per layer and site kind; B: against the site's effective rank "
                "(cf. Figure 5).")
     rep.table(["site", "effective rank", "dead fraction", "FVU"],
               [[p["site"], p["effective_rank"], p["train_dead_fraction"], p["fvu"]] for p in points],

@@ -97,7 +97,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
               rfig.Panel("dead fraction", "features", series("train_dead_fraction"), logx=True),
               rfig.Panel("FVU", "alive features", series("fvu", "alive"), logx=True)]
     rep.add_figure(rfig.metric_panels, (panels,), fig_dir / "fig8_scaling.png",
-               "(A) FVU against dictionary size, (B) dead fraction, (C) FVU against alive features (cf. Figure 8).")
+               "A: FVU against dictionary size; B: dead fraction; C: FVU against alive features (cf. Figure 8).")
     rows = [[f"{e}x", int(v["n_features"])] + [t[m][e][key] for m in METHODS for key in ("fvu", "train_dead_fraction")]
             for e, v in sorted(t["TopK"].items(), key=lambda kv: int(kv[0]))]
     headers = ["size", "features"] + [f"{m} {key}" for m in METHODS for key in ("FVU", "dead")]
