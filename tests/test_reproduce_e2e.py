@@ -44,7 +44,8 @@ def _run(micro, out) -> int:
 def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert _run(micro, out) == 0
-    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.html'}" in printed
     results = json.loads((out / "results.json").read_text())
     assert list(results["steps"]) == STEPS
     assert results["config"]["seeds"] == 2 and results["software"]["ranklens"] and results["software"]["git_commit"]
@@ -61,6 +62,8 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
             assert v["verdict"] in ("holds", "does not hold", "inconclusive")
             assert html.escape(v["claim"]) in report and html.escape(v["statistic"]) in report
     assert n_verdicts >= 25
+    total = next(line for line in printed.splitlines() if line.startswith("total"))  # the verdict counts
+    assert sum(map(int, total.split()[1:])) == n_verdicts
     summary = (out / "results.md").read_text()  # the same verdicts as a Markdown table
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| experiment")]
     assert len(rows) == n_verdicts
