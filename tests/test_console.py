@@ -1,4 +1,5 @@
 """End-of-job tables and notes: what a person reads when a job finishes."""
+import re
 
 from ranklens.report.console import dictionary_table, spectrum_table, table, verdict_counts_table
 from ranklens.train.config import LorsaTrainConfig
@@ -66,3 +67,16 @@ def test_spectrum_prints_its_table(tiny_dir, tmp_path, capsys):
     assert lines[0].split()[:4] == ["effective", "rank", "d", "erank"]
     assert [line.split()[0] for line in lines[1:3]] == ["L1.attn_out", "L1.mlp_out"]
     assert lines[3] == f"report: {out / 'report.html'}"
+
+
+def test_loss_recovered_progress_moves_with_every_evaluation(tiny_dir, tmp_path, capsys):
+    from ranklens.cli import main
+
+    out = tmp_path / "run"
+    assert main(["spectrum", "--model", str(tiny_dir / "model"), "--corpus", str(tiny_dir / "corpus"), "--sites",
+                 "L1.attn_out", "--loss-recovered", "L1.attn_out", "--loss-tokens", "200", "--loss-points", "3",
+                 "--tokens", "500", "--context-length", "64", "--dtype", "float32", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "L1.attn_out: clean and zero-ablated loss" in err
+    done = [int(m) for m in re.findall(r"L1\.attn_out: (\d+) evaluations, last n = \d+", err)]
+    assert sorted(set(done)) == list(range(1, max(done) + 1)) and max(done) >= 3  # one by one

@@ -81,7 +81,7 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
     assert "each SAE trains for only 8 steps" in report[:report.index('id="verdicts"')]
     assert re.search(r'<p class="counts">' + str(n_verdicts) + r" verdicts: ", report)
     cells = {cell for step in results["steps"].values() for cell in rp.cells_of(step)}
-    assert len(cells) > 20 and {p.stem for p in (out / "figures" / "curves").glob("*.png")} == cells
+    assert len(cells) > 10 and {p.stem for p in (out / "figures" / "curves").glob("*.png")} == cells
     z = results["steps"]["lorsa"]["result"]["zpattern"]
     assert z["heads"] and len(z["heads"][0]["row"]) == len(z["heads"][0]["tokens"])
 

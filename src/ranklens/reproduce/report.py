@@ -261,11 +261,16 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def _runs(record: dict[str, Any]) -> dict[str, Any]:
+    result = record.get("result")
+    runs = result.get("runs") if isinstance(result, dict) else None
+    return runs if isinstance(runs, dict) else {}
+
+
 def cells_of(record: dict[str, Any]) -> dict[str, list[str]]:
     """The SAE runs of a step grouped by cell (a run's name without its seed, ``-s<seed>``), in run order."""
     cells: dict[str, list[str]] = {}
-    runs = (record.get("result") or {}).get("runs") if isinstance(record.get("result"), dict) else None
-    for name, run in (runs or {}).items():
+    for name, run in _runs(record).items():
         if isinstance(run, dict) and str(run.get("dir", "")).startswith("sae/"):
             cells.setdefault(re.sub(r"-s\d+$", "", name), []).append(name)
     return cells
@@ -275,7 +280,7 @@ def training_curves(rep: Report, out: Path, record: dict[str, Any], fig_dir: Pat
     """One figure per SAE cell of a step (its seeds' metrics.jsonl and curve.jsonl, read from the run
     directories): FVU and dead fraction against training tokens, at DIR/figures/curves/<cell>.png. Cells whose run
     directories are gone are left out. Returns the figures drawn."""
-    runs = record["result"]["runs"] if isinstance(record.get("result"), dict) else {}
+    runs = _runs(record)
     drawn = []
     for cell, names in cells_of(record).items():
         data = [(_jsonl(out / runs[n]["dir"] / "metrics.jsonl"), _jsonl(out / runs[n]["dir"] / "curve.jsonl"),
