@@ -3,6 +3,7 @@ with every verdict and its statistic, reuse of a finished run, and continuation 
 
 import html
 import json
+import re
 
 import pytest
 import yaml
@@ -10,6 +11,7 @@ import yaml
 from ranklens.cli import main
 from ranklens.reproduce import context as context_module
 from ranklens.reproduce import job
+from ranklens.reproduce import report as rp
 from ranklens.reproduce.context import Context
 from ranklens.reproduce.pipeline import run_steps
 from ranklens.reproduce.plan import ModelShape, Plan
@@ -42,7 +44,8 @@ def _run(micro, out) -> int:
 def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert _run(micro, out) == 0
-    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.html'}" in printed
     results = json.loads((out / "results.json").read_text())
     assert list(results["steps"]) == STEPS
     assert results["config"]["seeds"] == 2 and results["software"]["ranklens"] and results["software"]["git_commit"]
@@ -59,6 +62,8 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
             assert v["verdict"] in ("holds", "does not hold", "inconclusive")
             assert html.escape(v["claim"]) in report and html.escape(v["statistic"]) in report
     assert n_verdicts >= 25
+    total = next(line for line in printed.splitlines() if line.startswith("total"))  # the verdict counts
+    assert sum(map(int, total.split()[1:])) == n_verdicts
     summary = (out / "results.md").read_text()  # the same verdicts as a Markdown table
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| experiment")]
     assert len(rows) == n_verdicts
@@ -72,6 +77,11 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
     sites = results["steps"]["dashboards"]["result"]["sites"]
     assert set(sites) == {"TopK SAE", "ASI SAE", "ASI Lorsa"}
     assert all((out / href).exists() and f'href="{html.escape(href)}"' in report for href in sites.values())
+    # The micro config is the quick preset's: its caveat states the steps it trains for, before any verdict.
+    assert "each SAE trains for only 8 steps" in report[:report.index('id="verdicts"')]
+    assert re.search(r'<p class="counts">' + str(n_verdicts) + r" verdicts: ", report)
+    cells = {cell for step in results["steps"].values() for cell in rp.cells_of(step)}
+    assert len(cells) > 10 and {p.stem for p in (out / "figures" / "curves").glob("*.png")} == cells
     z = results["steps"]["lorsa"]["result"]["zpattern"]
     assert z["heads"] and len(z["heads"][0]["row"]) == len(z["heads"][0]["tokens"])
 

@@ -492,3 +492,14 @@ def test_add_validates_its_input(tmp_path: Path) -> None:
     assert store.n_sequences == B
     with pytest.raises(RanklensError, match="complete"):
         w.add(**make_batch(1))
+
+
+def test_shards_are_readable_by_the_group_like_the_manifest(store_dir: Path) -> None:
+    """Every shard gets the manifest's mode (ranklens.io.FILE_MODE, 0644), not mkstemp's 0600."""
+    import stat
+
+    from ranklens.io import FILE_MODE
+
+    shards = sorted(store_dir.glob("shard-*.safetensors"))
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*shards, store_dir / "manifest.json"]}
+    assert len(shards) > 1 and set(modes.values()) == {FILE_MODE} and FILE_MODE & 0o040

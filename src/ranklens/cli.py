@@ -24,7 +24,7 @@ from ranklens.dashboard.config import DashboardConfig, ServeConfig
 from ranklens.data.config import CollectConfig
 from ranklens.errors import RanklensError
 from ranklens.eval.config import LorsaEvalConfig, SAEEvalConfig
-from ranklens.report.console import dictionary_table
+from ranklens.report.console import dictionary_table, spectrum_table, verdict_counts_table
 from ranklens.reproduce.presets import PRESETS, ReproduceConfig
 from ranklens.spectrum.config import SpectrumConfig
 from ranklens.train.config import LorsaTrainConfig, PlanConfig, SAETrainConfig
@@ -124,11 +124,12 @@ def _cmd_spectrum(args: argparse.Namespace) -> None:
     distributed = init_from_env(cfg.device)  # under torchrun: the ranks share the accumulation
     main = is_main()
     try:
-        run_spectrum(cfg, args.out, progress=not args.quiet, command=_command_line(), distributed=distributed)
+        result = run_spectrum(cfg, args.out, progress=not args.quiet, command=_command_line(), distributed=distributed)
     finally:
         if distributed:
             shutdown()
     if main:
+        print(spectrum_table(result))
         print(f"report: {Path(args.out) / 'report.html'}")
 
 
@@ -263,7 +264,8 @@ def _cmd_autointerp(args: argparse.Namespace) -> None:
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from ranklens.reproduce.job import reproduce
 
-    reproduce(_config(args, ReproduceConfig), args.out, progress=not args.quiet, command=_command_line())
+    results = reproduce(_config(args, ReproduceConfig), args.out, progress=not args.quiet, command=_command_line())
+    print(verdict_counts_table(results))
     print(f"report: {Path(args.out) / 'report.html'}")
 
 

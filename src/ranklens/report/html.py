@@ -31,7 +31,7 @@ from typing import Any
 
 from ranklens.io import atomic_write_bytes
 
-__all__ = ["VERDICTS", "Report", "format_number", "format_value", "software_versions"]
+__all__ = ["VERDICTS", "Report", "badge", "format_number", "format_value", "software_versions"]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VERDICTS = ("holds", "does not hold", "inconclusive")
@@ -62,6 +62,11 @@ pre{background:#f6f6f6;border:1px solid #e0e0e0;padding:.6em;overflow-x:auto;fon
 .verdict.does-not-hold{border-color:#c62828}.verdict.does-not-hold .badge{background:#c62828}
 .verdict.inconclusive{border-color:#b7791f}.verdict.inconclusive .badge{background:#b7791f}
 .verdict .stat{color:#444;font-size:.92em}
+span.badge{display:inline-block;font-weight:700;padding:0 .45em;border-radius:3px;color:#fff;white-space:nowrap}
+span.badge.holds{background:#2e7d32}span.badge.does-not-hold{background:#c62828}
+span.badge.inconclusive{background:#b7791f}
+.counts span.badge{margin-right:.5em}
+.caveat{margin:.8em 0;padding:.5em .8em;border:1px solid #e0b252;border-left:6px solid #b7791f;background:#fff8e6}
 """.strip()
 
 
@@ -249,6 +254,48 @@ class Report:
         self.figure(png, caption)
         return True
 
+    def caveat(self, text: str, items: Iterable[str] = ()) -> None:
+        """Add a highlighted notice (escaped text, then an optional bulleted list): what a reader must know before
+        reading on, e.g. that a preset trains for a few steps only."""
+        lis = "".join(f"<li>{_esc(item)}</li>" for item in items)
+        self._blocks.append(f'<div class="caveat"><p>{_esc(text)}</p>' + (f"<ul>{lis}</ul>" if lis else "")
+                            + "</div>")
+
+    def verdict_table(self, headers: Sequence[str], rows: Iterable[Sequence[Any]], verdict_columns: Sequence[int],
+                      caption: str | None = None) -> dict[str, int]:
+        """Add a table whose cells in ``verdict_columns`` are verdict badges ("holds" green, "does not hold" red,
+        "inconclusive" amber; a None cell is an em dash), preceded by the count of each verdict of the first
+        such column as badges. Returns those counts."""
+        headers = [str(h) for h in headers]
+        rows = [list(r) for r in rows]
+        for i, row in enumerate(rows):
+            if len(row) != len(headers):
+                raise ValueError(f"Report.verdict_table: row {i} has {len(row)} cells; expected {len(headers)}")
+            for j in verdict_columns:
+                if row[j] is not None and row[j] not in VERDICTS:
+                    raise ValueError(f"Report.verdict_table: row {i}: {row[j]!r} is not one of {VERDICTS}")
+        counts = {word: sum(row[verdict_columns[0]] == word for row in rows) for word in VERDICTS} \
+            if verdict_columns else {}
+        if counts:
+            self._blocks.append('<p class="counts">' + f"{len(rows)} verdict{'s' if len(rows) != 1 else ''}: "
+                                + "".join(f"{badge(word, f'{n} {word}')}" for word, n in counts.items()) + "</p>")
+        parts = ["<table>"]
+        if caption:
+            parts.append(f"<caption>{_esc(caption)}</caption>")
+        parts.append("<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in headers) + "</tr></thead><tbody>")
+        for row in rows:
+            cells = []
+            for j, value in enumerate(row):
+                if j in verdict_columns:
+                    cells.append(f"<td>{badge(value) if value is not None else chr(0x2014)}</td>")
+                else:
+                    cls = ' class="num"' if _is_number(value) else ""
+                    cells.append(f"<td{cls}>{_esc(format_value(value))}</td>")
+            parts.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append("</tbody></table>")
+        self._blocks.append("".join(parts))
+        return counts
+
     def verdict(self, claim: str, verdict: str, statistic: str) -> None:
         """Add a styled verdict line: the claim, "holds" / "does not hold" / "inconclusive", and the statistic."""
         if verdict not in VERDICTS:
@@ -296,6 +343,13 @@ class Report:
             anchor, i = f"{base}-{i}", i + 1
         self._ids.add(anchor)
         return anchor
+
+
+def badge(verdict: str, text: str | None = None) -> str:
+    """The HTML of a verdict badge (``text`` defaults to the verdict)."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"badge: verdict must be one of {VERDICTS}, got {verdict!r}")
+    return f'<span class="badge {verdict.replace(" ", "-")}">{_esc(text if text is not None else verdict)}</span>'
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[list[Any]]:

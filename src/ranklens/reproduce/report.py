@@ -7,6 +7,8 @@ title, exact config, equivalent commands, wall time, result and verdicts; the re
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,14 @@ import yaml
 from ranklens.data.corpus import splits_documents
 from ranklens.io import atomic_write_bytes, atomic_write_json
 from ranklens.report.html import Report, software_versions
+from ranklens.reproduce import figures as rfig
 from ranklens.reproduce.presets import ReproduceConfig
-from ranklens.reproduce.results_format import RESULTS_FORMAT
+from ranklens.reproduce.results_format import RESULTS_FORMAT, read_results
 from ranklens.reproduce.verdicts import Verdict
 
+# The standard run packaged with the source (the README's results): the runs of the same model and corpus are
+# compared with it verdict by verdict (by claim id). Absent in an installed wheel: then no comparison is made.
+REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "results" / "standard-smollm2-135m" / "results.json"
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
 SUMMARY_NAME = "results.md"
@@ -81,12 +87,80 @@ def scale(cfg: ReproduceConfig, plan_info: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
+def training_steps(cfg: ReproduceConfig) -> dict[str, int]:
+    """The optimizer steps of each kind of run of this config (whole batches, as ``train sae`` counts them; a
+    Lorsa batch holds whole sequences of at least ``lorsa_batch_tokens`` tokens, so it may take fewer)."""
+    return {"sae": cfg.sae_tokens // cfg.batch_size, "scaling": cfg.scaling_tokens // cfg.batch_size,
+            "lorsa": cfg.lorsa_tokens // cfg.lorsa_batch_tokens}
+
+
+def short_run_caveat(cfg: ReproduceConfig) -> str | None:
+    """The notice at the top of a quick run's report: how few steps its dictionaries train for (None for the
+    other presets)."""
+    if cfg.preset != "quick":
+        return None
+    n = training_steps(cfg)
+    standard = ReproduceConfig.load(preset="standard")
+    return (f"This is the quick preset: each SAE trains for only {n['sae']:,} steps ({cfg.sae_tokens:,} tokens in "
+            f"batches of {cfg.batch_size:,}; the SAEs of the scaling experiment {n['scaling']:,} steps) and each "
+            f"Lorsa for about {n['lorsa']:,} steps ({cfg.lorsa_tokens:,} tokens), far from converged (the standard "
+            f"preset: {training_steps(standard)['sae']:,} steps of {standard.batch_size:,}). Its verdicts show that "
+            "the pipeline runs and how the measurements look early in training; they are not the paper's results.")
+
+
+def reference_verdicts(reference: dict[str, Any], experiments: list) -> dict[str, dict[str, Any]]:
+    """Claim id -> {step, claim, verdict} of a results.json (read by ``read_results``). Verdicts recorded before
+    claims had ids get them by recomputing that step's verdicts from its recorded numbers with this version's
+    statistics, position by position (the recorded verdict is kept; claims this version adds are left out)."""
+    modules = {m.NAME: m for m in experiments}
+    alpha = reference.get("config", {}).get("alpha", 0.05)
+    out: dict[str, dict[str, Any]] = {}
+    for name, step in reference.get("steps", {}).items():
+        recorded = step.get("verdicts") or []
+        if recorded and not all(v.get("id") for v in recorded):
+            if name not in modules:
+                continue
+            try:
+                ids = [v.id for v in modules[name].verdicts(step["result"], alpha)]
+            except (KeyError, TypeError, ValueError, IndexError):
+                continue  # a record this version cannot read: its verdicts are not compared
+            recorded = [{**v, "id": i} for v, i in zip(recorded, ids, strict=False)]
+        for v in recorded:
+            out[v["id"]] = {"step": name, "claim": v["claim"], "verdict": v["verdict"]}
+    return out
+
+
+def compare_with_reference(cfg: ReproduceConfig, found: dict[str, list[Verdict]], experiments: list,
+                           reference_path: Path | None) -> dict[str, Any] | None:
+    """The verdicts of this run that differ from the reference run's, by claim id; None when there is no
+    reference, or it measured another model, corpus or context length (then verdicts are not comparable)."""
+    if reference_path is None or not Path(reference_path).is_file():
+        return None
+    reference = read_results(reference_path)
+    ref_cfg = reference.get("config", {})
+    if any(ref_cfg.get(key) != getattr(cfg, key) for key in ("model", "corpus", "context_length")):
+        return None
+    ref = reference_verdicts(reference, experiments)
+    shared = [(name, v) for name, vs in found.items() for v in vs if v.id and v.id in ref]
+    differing = [{"id": v.id, "step": name, "claim": v.claim, "verdict": v.verdict, "reference": ref[v.id]["verdict"]}
+                 for name, v in shared if v.verdict != ref[v.id]["verdict"]]
+    try:
+        shown = str(Path(reference_path).resolve().relative_to(REFERENCE.parents[2]))
+    except ValueError:
+        shown = str(reference_path)
+    return {"path": shown, "preset": ref_cfg.get("preset"), "model": ref_cfg.get("model"),
+            "commit": reference.get("software", {}).get("git_commit"), "compared": len(shared),
+            "differing": differing}
+
+
 def build(out: Path, cfg: ReproduceConfig, plan_info: dict[str, Any], experiments: list, records: dict[str, Any],
-          command: str | None) -> dict[str, Any]:
-    """Compute the verdicts, write results.json and report.html; returns the results."""
+          command: str | None, reference: Path | None = None) -> dict[str, Any]:
+    """Compute the verdicts, write results.json and report.html; returns the results. ``reference``: a
+    results.json to compare the verdicts with (default ``REFERENCE``)."""
     out = Path(out)
     found: dict[str, list[Verdict]] = {m.NAME: m.verdicts(records[m.NAME]["result"], cfg.alpha)
                                        for m in experiments if m.NAME in records}
+    comparison = compare_with_reference(cfg, found, experiments, REFERENCE if reference is None else reference)
     software = {**software_versions(), "git_commit": git_commit()}
     results = {
         "format": RESULTS_FORMAT, "command": command, "config": cfg.model_dump(mode="json"),
@@ -95,8 +169,10 @@ def build(out: Path, cfg: ReproduceConfig, plan_info: dict[str, Any], experiment
         "steps": {name: {**rec, "verdicts": [v.to_json() for v in found.get(name, [])]}
                   for name, rec in records.items()},
     }
+    if comparison is not None:
+        results["reference"] = comparison
     atomic_write_json(out / RESULTS_NAME, results)
-    _report(out, results, experiments, records, found).write(out / REPORT_NAME)
+    _report(out, results, experiments, records, found, short_run_caveat(cfg)).write(out / REPORT_NAME)
     atomic_write_bytes(out / SUMMARY_NAME, summary_markdown(results, experiments).encode())
     return results
 
@@ -120,22 +196,39 @@ def summary_markdown(results: dict[str, Any], experiments: list) -> str:
     return "\n".join(line for line in lines) + "\n"
 
 
+def _reference_notice(rep: Report, comparison: dict[str, Any], titles: dict[str, str]) -> None:
+    where = (f"the {comparison['preset']} run of {comparison['model']} packaged in {comparison['path']}"
+             + (f" (commit {str(comparison['commit'])[:12]})" if comparison.get("commit") else ""))
+    n, diff = comparison["compared"], comparison["differing"]
+    if not n:
+        return
+    if not diff:
+        rep.caveat(f"All {n} verdicts this run shares with {where} agree with it.")
+        return
+    rep.caveat(f"{len(diff)} of the {n} verdicts this run shares with {where} differ from it:")
+    rep.verdict_table(["experiment", "claim", "this run", f"{comparison['preset']} run"],
+                      [[titles.get(d["step"], d["step"]).split(" (")[0], d["claim"], d["verdict"], d["reference"]]
+                       for d in diff], verdict_columns=[2, 3])
+
+
 def _report(out: Path, results: dict[str, Any], experiments: list, records: dict[str, Any],
-            found: dict[str, list[Verdict]]) -> Report:
+            found: dict[str, list[Verdict]], caveat: str | None = None) -> Report:
     cfg = results["config"]
+    titles = {m.NAME: m.TITLE for m in experiments}
     rep = Report(f"ranklens reproduce: {cfg['model']}, {cfg['preset']} preset")
+    if caveat:
+        rep.caveat(caveat)
+    if results.get("reference"):
+        _reference_notice(rep, results["reference"], titles)
     rep.paragraph("The experiments of 'Dimensional Collapse in Transformer Attention Outputs' measured on this model. "
                   "Every verdict below is computed from the numbers of this run by the statistic shown beside it "
                   f"(significance level {cfg['alpha']}); results.json holds every number, and each step's commands "
                   "redo it on their own.")
     rep.key_values(results["scale"], caption="Scale of this run")
     rep.heading("Verdicts")
-    titles = {m.NAME: m.TITLE for m in experiments}
-    rep.table(["experiment", "claim", "verdict", "statistic"],
-              [[titles[name].split(" (")[0], v.claim, v.verdict, v.statistic] for name, vs in found.items() for v in vs])
-    counts = {word: sum(v.verdict == word for vs in found.values() for v in vs)
-              for word in ("holds", "does not hold", "inconclusive")}
-    rep.paragraph(", ".join(f"{n} {word}" for word, n in counts.items()) + ".")
+    rep.verdict_table(["experiment", "claim", "verdict", "statistic"],
+                      [[titles[name].split(" (")[0], v.claim, v.verdict, v.statistic]
+                       for name, vs in found.items() for v in vs], verdict_columns=[2])
     fig_dir = out / FIGURES_DIR
     for module in experiments:
         if module.NAME not in records:
@@ -143,6 +236,7 @@ def _report(out: Path, results: dict[str, Any], experiments: list, records: dict
         record = records[module.NAME]
         rep.heading(module.TITLE)
         module.section(rep, record, found[module.NAME], fig_dir)
+        training_curves(rep, out, record, fig_dir)
         _step_details(rep, record)
     other = [r for name, r in records.items() if name not in titles]
     if other:
@@ -161,6 +255,52 @@ def _report(out: Path, results: dict[str, Any], experiments: list, records: dict
     rep.code(yaml.safe_dump(cfg, sort_keys=False).rstrip())
     rep.key_values(results["software"], caption="Software")
     return rep
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _runs(record: dict[str, Any]) -> dict[str, Any]:
+    result = record.get("result")
+    runs = result.get("runs") if isinstance(result, dict) else None
+    return runs if isinstance(runs, dict) else {}
+
+
+def cells_of(record: dict[str, Any]) -> dict[str, list[str]]:
+    """The SAE runs of a step grouped by cell (a run's name without its seed, ``-s<seed>``), in run order."""
+    cells: dict[str, list[str]] = {}
+    for name, run in _runs(record).items():
+        if isinstance(run, dict) and str(run.get("dir", "")).startswith("sae/"):
+            cells.setdefault(re.sub(r"-s\d+$", "", name), []).append(name)
+    return cells
+
+
+def training_curves(rep: Report, out: Path, record: dict[str, Any], fig_dir: Path) -> list[Path]:
+    """One figure per SAE cell of a step (its seeds' metrics.jsonl and curve.jsonl, read from the run
+    directories): FVU and dead fraction against training tokens, at DIR/figures/curves/<cell>.png. Cells whose run
+    directories are gone are left out. Returns the figures drawn."""
+    runs = _runs(record)
+    drawn = []
+    for cell, names in cells_of(record).items():
+        data = [(_jsonl(out / runs[n]["dir"] / "metrics.jsonl"), _jsonl(out / runs[n]["dir"] / "curve.jsonl"),
+                 int(runs[n]["metrics"].get("n_features") or 0)) for n in names]
+        data = [d for d in data if (d[0] or d[1]) and d[2] > 0]
+        if not data:
+            continue
+        if not drawn:
+            rep.heading("Training curves", level=3)
+            rep.paragraph("One figure per cell: the FVU (A) and the dead fraction (B) against training tokens, "
+                          "mean and one standard deviation over the seeds. Held-out points come from curve.jsonl "
+                          "(the preset's curve_tokens and the end), training points from metrics.jsonl; the training "
+                          "window's dead fraction is drawn once a whole window has been seen.")
+        path = fig_dir / "curves" / f"{cell}.png"
+        seeds = f"{len(data)} seed{'s' if len(data) != 1 else ''}"
+        if rep.add_figure(rfig.training_curve, (data,), path,
+                          f"{cell} ({seeds}). A: FVU on the held-out tokens and of the training batches; B: dead "
+                          "fraction in the training window and on the held-out tokens, against training tokens."):
+            drawn.append(path)
+    return drawn
 
 
 def _step_details(rep: Report, record: dict[str, Any]) -> None:

@@ -4,6 +4,10 @@ Format 2 (``ranklens.reproduce/2``) uses the metric keys of ``ranklens.eval.metr
 kept beside it for this version), ``train_dead`` / ``train_dead_fraction`` with ``dead_window_tokens``, and
 ``eval_dead`` / ``eval_dead_fraction`` with ``eval_tokens``. Format 1 step records and results.json files are read
 by renaming their keys (``upgrade_result``, ``read_results``).
+
+Additions that need no new version: each verdict's ``id`` (a name of its claim that stays the same across presets,
+``asi.k_main.fvu.TopK``; older verdicts have none, and ``ranklens.reproduce.report.reference_verdicts`` recovers it),
+and ``reference`` in results.json: the reference run it was compared with and the verdicts that differ from it.
 """
 
 from __future__ import annotations

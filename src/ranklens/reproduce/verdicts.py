@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -49,12 +49,14 @@ _PERMUTATIONS = 9_999
 @dataclass(frozen=True)
 class Verdict:
     """A claim, its verdict and the statistic it rests on (``statistic``: one readable line; ``values``: the
-    numbers behind it, for results.json)."""
+    numbers behind it, for results.json; ``id``: a name of the claim that stays the same across presets and models,
+    e.g. ``asi.k_main.fvu.TopK``, whatever numbers the claim's text carries, so runs compare verdict by verdict)."""
 
     claim: str
     verdict: str
     statistic: str
     values: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -62,6 +64,10 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def named(self, claim_id: str) -> Verdict:
+        """This verdict with its claim id."""
+        return replace(self, id=claim_id)
 
 
 def decide(p_claim: float, p_against: float, alpha: float = ALPHA) -> str:

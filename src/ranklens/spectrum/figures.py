@@ -124,7 +124,7 @@ def _line_style(kind: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- drawing helpers
 
 
-def _new_figure(size: tuple[float, float] = (7.5, 4.4)) -> tuple[Figure, Any]:
+def _new_figure(size: tuple[float, float] = (9.0, 4.4)) -> tuple[Figure, Any]:
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -145,6 +145,12 @@ def _common_layer(recs: list[Record], what: str) -> int | None:
 def _curve_label(r: Record, same_layer: bool, what: str) -> str:
     kind = _kind(r, what)
     return kind_label(kind) if same_layer else f"{_site(r)} ({kind_label(kind)})"
+
+
+def _legend_outside(ax: Any, *handles_labels: Any) -> None:
+    """The legend to the right of the axes, off the data (constrained layout makes room for it)."""
+    ax.figure.legend(*(handles_labels or ax.get_legend_handles_labels()), loc="outside right upper", fontsize=8,
+                     frameon=False)
 
 
 # --------------------------------------------------------------------------- Figure 2 (left)
@@ -170,7 +176,7 @@ def erank_by_layer(records: Sequence[Record], path: PathLike, title: str | None 
     ax.set_ylim(0, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title or "Fraction of effective rank across layers")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # lines span the width
+    _legend_outside(ax)  # lines span the width
     return save_figure(fig, path)
 
 
@@ -197,7 +203,7 @@ def compare_bars(groups: Mapping[str, Sequence[Record]], path: PathLike, title: 
     labels = list(values)
     width = 0.8 / len(kinds)
     annotate = len(labels) * len(kinds) <= 40
-    fig, ax = _new_figure((min(14.0, max(6.5, 2.2 + 0.45 * len(labels) * len(kinds))), 4.4))
+    fig, ax = _new_figure((min(14.0, max(8.0, 4.0 + 0.45 * len(labels) * len(kinds))), 4.4))
     ax.grid(False, axis="x")
     top = 0.0
     for j, kind in enumerate(kinds):
@@ -212,7 +218,7 @@ def compare_bars(groups: Mapping[str, Sequence[Record]], path: PathLike, title: 
     ax.set_ylabel("effective rank / d")
     ax.set_ylim(0, max(1.1, top + 0.08))
     ax.set_title(title or "Fraction of effective rank by setting")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -250,7 +256,7 @@ def singular_spectra(records: Sequence[Record], path: PathLike, title: str | Non
     ax.set_xlabel("component index / d")
     ax.set_ylabel("singular value / largest")
     ax.set_title(title or ("Singular value spectra" + (f", layer {layer}" if layer is not None else "")))
-    ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    _legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -317,7 +323,7 @@ def loss_recovered_curves(records: Sequence[Record], path: PathLike, title: str 
     ax.set_xlabel("kept singular components / d")
     ax.set_ylabel("fraction of loss recovered")
     ax.set_title(title or ("Fraction of loss recovered" + (f", layer {layer}" if layer is not None else "")))
-    ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    _legend_outside(ax)
     if bottom < -1.0:
         ax.text(0.01, 0.01, "y axis clipped at -1", transform=ax.transAxes, fontsize=7, color="#555555")
     return save_figure(fig, path)
@@ -356,7 +362,7 @@ def wo_decomposition(record: Record, path: PathLike, title: str | None = None) -
     ax.set_title(title or f"{_site(record)}: decomposition of the attention output spectrum")
     handles, labs = ax.get_legend_handles_labels()
     order = [labs.index(labels[k]) for k in ("var_O", "contrib_Z", "contrib_WO")]
-    ax.legend([handles[i] for i in order], [labs[i] for i in order], fontsize=8, loc="best", framealpha=0.85)
+    _legend_outside(ax, [handles[i] for i in order], [labs[i] for i in order])
     return save_figure(fig, path)
 
 
@@ -399,5 +405,5 @@ def erank_z_vs_o(records: Sequence[Record], path: PathLike, title: str | None = 
     ax.set_xlabel("layer")
     ax.set_ylabel("effective rank")
     ax.set_title(title or r"Effective rank of Z and of the attention output $O = Z W^O$")
-    ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    _legend_outside(ax)
     return save_figure(fig, path)

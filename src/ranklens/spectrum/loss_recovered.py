@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +56,22 @@ def _grid(d: int, points: int) -> list[int]:
 
 def loss_recovered_curve(lm: LoadedModel, arch: Architecture, site: Site, mean: torch.Tensor,
                          basis: PrincipalBasis, batches: list[TokenBatch], ce_clean: float, ce_zero: float,
-                         points: int, target: float = 0.99, prefixes: list | None = None) -> dict[str, Any]:
+                         points: int, target: float = 0.99, prefixes: list | None = None,
+                         on_evaluated: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Fraction of loss recovered against kept components n, and the smallest n reaching `target`. `prefixes`
-    (`layer_inputs` of the site's layer on `batches`) saves recomputing the layers before the site per evaluation."""
+    (`layer_inputs` of the site's layer on `batches`) saves recomputing the layers before the site per evaluation.
+    `on_evaluated(n_done, n)` is called after each evaluation (for a progress display)."""
     d = basis.eigenvectors.shape[0]
     ce_by_n: dict[int, float] = {}
 
     def evaluate(ns: list[int]) -> None:
         todo = [n for n in ns if n not in ce_by_n]
         fns = {str(n): subspace_projection(mean, basis.eigenvectors[:, :n]) for n in todo}
-        for name, ce in cross_entropies(lm.model, arch, batches, site, fns, prefixes=prefixes).items():
-            ce_by_n[int(name)] = ce
+        for n in todo:  # one at a time, so a progress display moves with every evaluation
+            ce_by_n[n] = cross_entropies(lm.model, arch, batches, site, {str(n): fns[str(n)]},
+                                         prefixes=prefixes)[str(n)]
+            if on_evaluated is not None:
+                on_evaluated(len(ce_by_n), n)
 
     def frac(n: int) -> float:
         return (ce_zero - ce_by_n[n]) / (ce_zero - ce_clean)
@@ -94,8 +100,10 @@ def loss_recovered(lm, arch, cfg, state, loss_sites, by_name, state_dir: Path, p
     cache_path = state_dir / "loss_recovered.json"
     cache = read_json(cache_path) if cache_path.exists() else {}
     prefixes: dict[int, list] = {}  # the input of each site's layer, captured once for all its evaluations
-    for site in tqdm(loss_sites, desc="loss recovered", disable=not progress, file=sys.stderr):
+    bar = tqdm(loss_sites, desc="loss recovered", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for site in bar:
         if site.name not in cache:
+            bar.set_postfix_str(f"{site.name}: clean and zero-ablated loss")
             acc = state.full(site.name)
             if site.layer not in prefixes:
                 prefixes[site.layer] = layer_inputs(lm.model, arch, batches, site)
@@ -103,6 +111,8 @@ def loss_recovered(lm, arch, cfg, state, loss_sites, by_name, state_dir: Path, p
                                  prefixes=prefixes[site.layer])
             cache[site.name] = loss_recovered_curve(lm, arch, site, acc.mean, principal_basis(acc), batches,
                                                     ce["clean"], ce["zero"], cfg.loss_points,
-                                                    prefixes=prefixes[site.layer])
+                                                    prefixes=prefixes[site.layer],
+                                                    on_evaluated=lambda done, n, name=site.name: bar.set_postfix_str(
+                                                        f"{name}: {done} evaluations, last n = {n}"))
             atomic_write_json(cache_path, cache)
         by_name[site.name]["loss_recovered"] = cache[site.name]

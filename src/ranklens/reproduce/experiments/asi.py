@@ -64,19 +64,21 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     for metric, label in _metrics(result).items():
         groups = {f"d_init={v}": values(result, ns, metric) for v, ns in lay["d_init_sweep"].items()}
         out.append(bonferroni_any(f"Some d_init below d lowers the {label} below the standard init (Figure 6)",
-                                  groups, values(result, base, metric), name_b="standard init", alpha=alpha))
+                                  groups, values(result, base, metric), name_b="standard init", alpha=alpha)
+                   .named(f"asi.d_init_sweep.{metric}"))
     main = lay["k_sweep"][str(lay["k_main"])]
     for baseline in ("TopK", "AuxK"):
         for metric, label in _metrics(result).items():
             out.append(welch_less(f"At k = {lay['k_main']}, ASI has a lower {label} than {baseline} (App. H, "
                                   "Table 5)", values(result, main["ASI"], metric),
                                   values(result, main[baseline], metric), name_a="ASI", name_b=baseline,
-                                  alpha=alpha))
+                                  alpha=alpha).named(f"asi.k_main.{metric}.{baseline}"))
     ks = sorted(lay["k_sweep"], key=int)
     best = [mean_std(values(result, lay["k_sweep"][k]["ASI"], "fvu"))[0]
             < min(mean_std(values(result, lay["k_sweep"][k][m], "fvu"))[0] for m in ("TopK", "AuxK")) for k in ks]
     out.append(sign_test("ASI reaches the lowest mean FVU of TopK, AuxK and ASI at each k (Figure 7)", best,
-                         units="values of k", alpha=alpha, labels=[f"k={k}" for k in ks]))
+                         units="values of k", alpha=alpha, labels=[f"k={k}" for k in ks])
+               .named("asi.lowest_fvu_each_k"))
     return out
 
 
@@ -98,12 +100,14 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     panels = [rfig.Panel(label, "d_init", {"ASI": _series(result, lay["d_init_sweep"], metric)},
                          {"TopK": base[metric]}, logx=True) for metric, label in metrics.items()]
     rep.add_figure(rfig.metric_panels, (panels,), fig_dir / "fig6_d_init_sweep.png",
-               "ASI across d_init (mean \u00b1 std over seeds); dashed: the standard init (d_init = d) (cf. Figure 6).")
+               f"ASI across d_init: {rfig.panel_letters(metrics.values())} (mean \u00b1 std over seeds); dashed: the "
+               "standard init (d_init = d) (cf. Figure 6).")
     k_panels = [rfig.Panel(label, "k", {method: _series(result, {k: ms[method] for k, ms in lay["k_sweep"].items()},
                                                         metric) for method in K_METHODS})
                 for metric, label in metrics.items()]
     rep.add_figure(rfig.metric_panels, (k_panels,), fig_dir / "fig7_k_sweep.png",
-               "TopK, AuxK and ASI across k (mean \u00b1 std over seeds) (cf. Figure 7, Table 4).")
+               f"TopK, AuxK and ASI across k: {rfig.panel_letters(metrics.values())} (mean \u00b1 std over seeds) "
+               "(cf. Figure 7, Table 4).")
     rows = [[f"k={k}", label] + [fmt_mean_std(values(result, ms[method], metric)) for method in K_METHODS]
             for k, ms in sorted(lay["k_sweep"].items(), key=lambda kv: int(kv[0])) for metric, label in metrics.items()]
     rows += [[f"k={lay['k_main']}", "dead features (count)"] + [fmt_mean_std(values(

@@ -126,12 +126,13 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
                             at_tokens(result, names, tokens, metric)
                     claim = (f"{label} has a lower {words} than {baseline} "
                              f"{'at the end of training' if tokens is None else 'after ' + when}")
+                    at = "end" if tokens is None else tokens
                     out.append(welch_less(claim, get(g[label]), get(g[baseline]), name_a=label, name_b=baseline,
-                                          alpha=alpha))
+                                          alpha=alpha).named(f"budget.{at}.{metric}.{label}.{baseline}"))
     main = asi_groups[0]
     out.append(welch_less("SparseAdam leaves fewer dead features than Adam under ASI at the end of training (App. M)",
                           final(result, g[SPARSEADAM], "train_dead_fraction"), final(result, g[main], "train_dead_fraction"),
-                          name_a=SPARSEADAM, name_b=main, alpha=alpha))
+                          name_a=SPARSEADAM, name_b=main, alpha=alpha).named("budget.sparseadam_dead"))
     return out
 
 

@@ -58,16 +58,16 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     g = result["layout"]["groups"]
     out = [welch_less(f"ASI has a lower {label} than the random-subspace init of the same d_init (App. J.1)",
                       values(result, g["attn ASI"], metric), values(result, g["attn random"], metric),
-                      name_a="ASI", name_b="random subspace", alpha=alpha)
+                      name_a="ASI", name_b="random subspace", alpha=alpha).named(f"controls.random.{metric}")
            for metric, label in METRICS.items() if has_metric(result, metric)]
     out.append(welch_less("ASI's relative FVU gain over TopK is smaller on the residual stream than on the attention "
                           "output (App. J.2)", _gains(result, g["resid ASI"], g["resid TopK"]),
                           _gains(result, g["attn ASI"], g["attn TopK"]), name_a="gain on resid_post",
-                          name_b="gain on attn_out", alpha=alpha, margin=0.0))
+                          name_b="gain on attn_out", alpha=alpha, margin=0.0).named("controls.resid_gain"))
     out.append(welch_less("With the standard init, the residual stream leaves fewer dead features than the attention "
                           "output (App. J.2)", values(result, g["resid TopK"], "train_dead_fraction"),
                           values(result, g["attn TopK"], "train_dead_fraction"), name_a="resid_post",
-                          name_b="attn_out", alpha=alpha))
+                          name_b="attn_out", alpha=alpha).named("controls.resid_dead"))
     return out
 
 

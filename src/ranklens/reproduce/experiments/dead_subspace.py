@@ -121,7 +121,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     g = result["layout"]["groups"]
     out = [welch_less("ASI's reconstruction error inside the dead subspace is lower than TopK's (Table 10)",
                       values(result, g["ASI"], "dead_mse"), values(result, g["TopK"], "dead_mse"), name_a="ASI",
-                      name_b="TopK", alpha=alpha)]
+                      name_b="TopK", alpha=alpha).named("dead_subspace.dead_mse")]
     for key, reading in (("aligned_share", "cosine with the subspace (projection norm)"),
                          ("aligned_share_max", "largest cosine with one of its basis directions")):
         shares = {m: max(values(result, ns, key), default=float("nan")) for m, ns in g.items()}
@@ -129,7 +129,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
         out.append(compare_values(f"Alive features of both SAEs rarely align with the dead subspace: under 1% have a "
                                   f"{reading} of 0.15 or more (Table 9)", shares[worst], ALIGNED_SHARE,
                                   name_a=f"the largest share ({worst})", name_b="Table 9's 'rarely'",
-                                  rel_tol=0.0, percent=True))
+                                  rel_tol=0.0, percent=True).named(f"dead_subspace.{key}"))
     return out
 
 

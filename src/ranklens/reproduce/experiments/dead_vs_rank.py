@@ -49,7 +49,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     out = [spearman_negative("The lower a site's effective rank, the more dead features a standard TopK SAE leaves "
                              "(Figure 5, right)", [p["effective_rank"] for p in points],
                              [p["train_dead_fraction"] for p in points], name_x="effective rank",
-                             name_y="dead fraction", alpha=alpha)]
+                             name_y="dead fraction", alpha=alpha).named("dead_vs_rank.spearman")]
     by = {(p["layer"], p["kind"]): p["train_dead_fraction"] for p in points}
     pairs = [(layer, by[(layer, "attn_out")], by[(layer, "resid_post")]) for layer in sorted({p["layer"] for p in points})
              if (layer, "attn_out") in by and (layer, "resid_post") in by]
@@ -57,7 +57,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     claim = "Attention-output SAEs leave more dead features than residual-stream SAEs at the same layer (App. F)"
     verdict = sign_test(claim, [ok for _, ok in differing], units=f"layers (of {len(pairs)}; ties left out)",
                         alpha=alpha, labels=[f"L{layer}" for layer, _ in differing])
-    return out + [verdict]
+    return out + [verdict.named("dead_vs_rank.attn_vs_resid")]
 
 
 def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: Path) -> None:
@@ -69,7 +69,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
                   f"training tokens each, at {len(points)} sites of layers {result['layout']['layers']}; a feature is "
                   f"dead if it did not fire in the last {m['dead_window_tokens']:,} training tokens.")
     rep.add_figure(rfig.dead_vs_erank, (points,), fig_dir / "fig5_dead_vs_erank.png",
-               "Dead-feature fraction per layer and site kind (left) and against the site's effective rank (right) "
+               "A: dead-feature fraction per layer and site kind; B: against the site's effective rank "
                "(cf. Figure 5).")
     rep.table(["site", "effective rank", "dead fraction", "FVU"],
               [[p["site"], p["effective_rank"], p["train_dead_fraction"], p["fvu"]] for p in points],

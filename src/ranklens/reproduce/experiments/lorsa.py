@@ -130,7 +130,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     g = result["layout"]["groups"]
     return [welch_less(f"Lorsa with ASI has a lower {label} than with the default init (Section 5.4, Figure 9)",
                        values(result, g["asi"], metric), values(result, g["default"], metric), name_a="ASI",
-                       name_b="default", alpha=alpha)
+                       name_b="default", alpha=alpha).named(f"lorsa.{metric}")
             for metric, label in METRICS.items() if values(result, g["default"], metric)]
 
 

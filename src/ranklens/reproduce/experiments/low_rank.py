@@ -98,21 +98,23 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
                  for layer, k in layers.items() if "attn_out" in k and other in k]
         out.append(sign_test(f"Across layers, the attention output has a lower effective-rank fraction than the "
                              f"{name} (Figure 2, left)", [ok for _, ok in pairs], units="layers", alpha=alpha,
-                             labels=[f"L{layer}" for layer, _ in pairs]))
+                             labels=[f"L{layer}" for layer, _ in pairs]).named(f"low_rank.layers.{other}"))
     settings = {f"{result['model']} / {result['corpus']}": mid}
     settings.update({c["label"]: _middle(c["records"]) for c in result.get("compare", [])})
     lowest = [(label, recs["attn_out"]["erank_fraction"] < min(recs[k]["erank_fraction"] for k in MAIN_KINDS[1:]))
               for label, recs in settings.items() if all(k in recs for k in MAIN_KINDS)]
     out.append(sign_test("At the middle layer of every corpus and model, the attention output has the lowest "
                          "effective-rank fraction of the three (Figure 2, middle and right)",
-                         [ok for _, ok in lowest], units="settings", alpha=alpha, labels=[lbl for lbl, _ in lowest]))
+                         [ok for _, ok in lowest], units="settings", alpha=alpha, labels=[lbl for lbl, _ in lowest])
+               .named("low_rank.lowest_every_setting"))
     if all(k in mid for k in MAIN_KINDS):
         others = {k: mid[k]["frac_sv_above_1pct"] for k in MAIN_KINDS[1:]}
         worst = min(others, key=others.get)
         out.append(compare_values("At the middle layer, fewer of the attention output's singular values exceed 1% "
                                   "of the largest than of the MLP output's and the residual stream's (Figure 3a)",
                                   mid["attn_out"]["frac_sv_above_1pct"], others[worst],
-                                  name_a="the share for attn_out", name_b=f"the share for {worst}"))
+                                  name_a="the share for attn_out", name_b=f"the share for {worst}")
+                   .named("low_rank.sv_above_1pct"))
         dims = {k: (mid[k].get("loss_recovered") or {}).get("frac_dims_99") for k in MAIN_KINDS}
         if all(v is not None for v in dims.values()):
             worst = min(MAIN_KINDS[1:], key=lambda k: dims[k])
@@ -120,7 +122,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
                                       "dimensions to recover 99% of the loss than the MLP output and the residual "
                                       "stream (Figure 3b, App. B)", dims["attn_out"], dims[worst],
                                       name_a="the share of d for attn_out",
-                                      name_b=f"the share of d for {worst}"))
+                                      name_b=f"the share of d for {worst}").named("low_rank.dims_99"))
     cvs = {r["site"]: r["stability"] for r in mid.values() if r.get("stability")}
     if cvs:
         site = max(cvs, key=lambda s: cvs[s]["erank_cv"])
@@ -129,7 +131,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
                                   f"{min(stab['n_tokens']):,} tokens (App. C; here: a coefficient of variation below "
                                   f"{STABLE_CV:.0%} at every middle-layer site)", stab["erank_cv"], STABLE_CV,
                                   name_a=f"the largest CV ({site})", name_b="App. C's stability",
-                                  rel_tol=0.0, percent=True))
+                                  rel_tol=0.0, percent=True).named("low_rank.split_stability"))
     return out
 
 

@@ -67,10 +67,10 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     labels = [f"{e}x" for e in sizes]
     out = [sign_test(f"ASI reaches a lower FVU than {other} at each dictionary size (Figure 8A)",
                      [t["ASI"][e]["fvu"] < t[other][e]["fvu"] for e in sizes], units="sizes", alpha=alpha,
-                     labels=labels) for other in ("TopK", "AuxK")]
+                     labels=labels).named(f"scaling.fvu.{other}") for other in ("TopK", "AuxK")]
     out.append(sign_test("SparseAdam leaves fewer dead features than Adam with ASI at each size (Figure 8B)",
                          [t["ASI + SparseAdam"][e]["train_dead_fraction"] < t["ASI"][e]["train_dead_fraction"] for e in sizes],
-                         units="sizes", alpha=alpha, labels=labels))
+                         units="sizes", alpha=alpha, labels=labels).named("scaling.sparseadam_dead"))
     aux = t["AuxK"]
     pairs = []
     for e in sizes:
@@ -79,7 +79,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
             pairs.append((e, t["ASI"][e]["fvu"] < ref))
     out.append(sign_test("ASI reaches a lower FVU than AuxK with the same number of alive features (Figure 8C)",
                          [ok for _, ok in pairs], units=f"sizes within AuxK's range of alive features (of {len(sizes)})",
-                         alpha=alpha, labels=[f"{e}x" for e, _ in pairs]))
+                         alpha=alpha, labels=[f"{e}x" for e, _ in pairs]).named("scaling.fvu_same_alive"))
     return out
 
 
@@ -97,7 +97,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
               rfig.Panel("dead fraction", "features", series("train_dead_fraction"), logx=True),
               rfig.Panel("FVU", "alive features", series("fvu", "alive"), logx=True)]
     rep.add_figure(rfig.metric_panels, (panels,), fig_dir / "fig8_scaling.png",
-               "(A) FVU against dictionary size, (B) dead fraction, (C) FVU against alive features (cf. Figure 8).")
+               "A: FVU against dictionary size; B: dead fraction; C: FVU against alive features (cf. Figure 8).")
     rows = [[f"{e}x", int(v["n_features"])] + [t[m][e][key] for m in METHODS for key in ("fvu", "train_dead_fraction")]
             for e, v in sorted(t["TopK"].items(), key=lambda kv: int(kv[0]))]
     headers = ["size", "features"] + [f"{m} {key}" for m in METHODS for key in ("FVU", "dead")]

@@ -46,12 +46,12 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
              if {"attn_out", "attn_z"} <= set(k)]
     out = [sign_test("The attention output O = Z W_O has a lower effective rank than the concatenated head outputs Z "
                      "(Figure 11)", [ok for _, ok in pairs], units="layers", alpha=alpha,
-                     labels=[f"L{layer}" for layer, _ in pairs])]
+                     labels=[f"L{layer}" for layer, _ in pairs]).named("wo.o_below_z")]
     summary = result["summary"] or {}
     out.append(compare_values(f"At layer {result['middle_layer']}, the tail of the attention output's spectrum falls "
                               "mainly because of W_O (Figure 4): W_O's share of the head-to-tail drop of Var(O e) "
                               "exceeds one half", 0.5, summary.get("wo_share"), name_a="one half",
-                              name_b="W_O's share of the drop (log scale)"))
+                              name_b="W_O's share of the drop (log scale)").named("wo.tail_from_wo"))
     return out
 
 
