@@ -355,3 +355,18 @@ def test_a_run_given_another_model_is_one_line(runs, tmp_path, capsys):
     assert code == 2 and err.startswith("ranklens: error: ") and err.count("\n") == 1, err
     assert "has dimension 384 but the SAE expects" in err, err
     assert not (tmp_path / "d" / "index.html").exists()
+
+
+def test_an_saelens_directory_with_model_and_site_builds_the_same_site(runs, tiny_dir, tmp_path, capsys):
+    """The SAELens-format directory of a run, given --model and --site, builds the dashboard the run builds when
+    both read the same text (--corpus from its start, cut at the same --context-length): the same densities, maxima and subspace shares."""
+    common = ["--corpus", str(tiny_dir / "corpus"), "--context-length", "64", "--tokens", "600", "--n-top", "3",
+              "--dtype", "float32", "--quiet"]
+    assert main(["dashboard", str(runs / "sae-standard"), *common, "--out", str(tmp_path / "from-run")]) == 0
+    assert main(["dashboard", str(runs / "sae-standard" / "sae"), "--model", str(tiny_dir / "model"), "--site",
+                 "L1.attn_out", *common, "--out", str(tmp_path / "from-saelens")]) == 0
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("from-run", "from-saelens"))
+    assert a["tokens"] == b["tokens"] == 600 and a["n_features"] == b["n_features"] == 128
+    assert a["density"] == b["density"] and a["subspace_share"] == pytest.approx(b["subspace_share"], abs=1e-6)
+    ra, rb = _records(tmp_path / "from-run"), _records(tmp_path / "from-saelens")
+    assert [ra[f]["top"] for f in sorted(ra)] == [rb[f]["top"] for f in sorted(rb)]
