@@ -43,6 +43,28 @@ def test_every_flag_has_help_with_default_or_required(argv):
                 (argv, action.option_strings, action.help)
 
 
+def _leaves(parser, path=()):
+    subs = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    if not subs:
+        yield list(path), parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _leaves(child, (*path, name))
+
+
+def test_every_command_is_covered_and_every_flag_says_its_default():
+    """Every leaf command, not only the jobs above: each flag states its default, or that it is required or
+    optional (a flag added to a new command without help fails here)."""
+    leaves = list(_leaves(build_parser()))
+    assert {" ".join(p) for p, _ in leaves} >= {" ".join(j) for j in JOBS} | {"sites", "dashboard", "serve", "plan"}
+    for path, parser in leaves:
+        for action in parser._actions:
+            if not action.option_strings or action.dest in ("help", "config", "out", "quiet"):
+                continue
+            assert action.help and ("(default: " in action.help or "(required)" in action.help
+                                    or "(optional)" in action.help), (path, action.option_strings, action.help)
+
+
 def test_help_states_syntax_and_lists_as_a_shell_user_types_them(capsys):
     text = " ".join(_help(["reproduce"], capsys).split())
     assert "(default: prose,code,zh)" in text and "(default: 32,128)" in text

@@ -264,3 +264,109 @@ def test_bad_input_is_one_line(runs, tiny_dir, tmp_path, capsys):
     assert code == 2 and "has dimension 64 but the SAE expects d_in = 32" in err
     with pytest.raises(RanklensError, match="is not a directory"):
         build_dashboard(tmp_path / "missing", CFG, tmp_path / "d", progress=False)
+
+
+def test_ranklens_serve_end_to_end(runs):
+    """`ranklens serve DIR` as a user runs it (a process, the real model and SAE loaded once): the prompt API
+    answers what the analyzer computes, a bad request is a 400 that leaves the server up, the prompt box works in
+    Chromium, and Ctrl-C stops the server."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    site = runs / "sae-standard" / "dashboard"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    proc = subprocess.Popen([sys.executable, "-m", "ranklens", "serve", str(site), "--port", str(port), "--dtype",
+                             "float32", "--top-features", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def post(body: bytes) -> tuple[int, dict]:
+        req = urllib.request.Request(url + "api/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "ranklens serve did not start"
+            try:
+                with urllib.request.urlopen(url + "api/info", timeout=5) as resp:
+                    assert resp.status == 200
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        text = "The cat sat on the mat."
+        status, got = post(json.dumps({"text": text}).encode())
+        want = make_analyzer(site, ServeConfig(dtype="float32", top_features=3))(text)
+        assert status == 200 and got["tokens"] == want["tokens"]
+        assert [[f for f, _ in fs] for fs in got["features"]] == [[f for f, _ in fs] for fs in want["features"]]
+        assert [v for fs in got["features"] for _, v in fs] == pytest.approx(
+            [v for fs in want["features"] for _, v in fs], rel=1e-4)  # the server rounds to 5 digits
+        for bad in (b'{"text": ""}', b"\xff\xfe", b"[1, 2]"):
+            status, err = post(bad)
+            assert status == 400 and err["error"], (bad, err)
+        pw, browser = launch()
+        w = WatchedPage(browser)
+        try:
+            page = w.page
+            page.goto(url + "index.html")
+            page.wait_for_selector("#prompt-form:not([hidden])")
+            page.fill("#prompt-text", text)
+            page.click("#prompt-submit")
+            page.wait_for_function("!document.getElementById('prompt-submit').disabled && "
+                                   "!document.getElementById('prompt-result').hasAttribute('aria-busy')")
+            assert page.locator("#prompt-table tbody tr").count() == len(want["tokens"])
+            w.check()
+        finally:
+            w.close()
+            browser.close()
+            pw.stop()
+        assert proc.poll() is None  # every bad request left it serving
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode in (0, 130, -signal.SIGINT), proc.returncode
+
+
+def test_a_run_given_another_model_is_one_line(runs, tmp_path, capsys):
+    """A ranklens run with --model naming a model whose site has another width (MiniLM's 384 against the tiny
+    model's 32): one line, no site written."""
+    capsys.readouterr()
+    code = main(["dashboard", str(runs / "sae-standard"), "--model", "minilm-l6", "--tokens", "200", "--out",
+                 str(tmp_path / "d"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("ranklens: error: ") and err.count("\n") == 1, err
+    assert "has dimension 384 but the SAE expects" in err, err
+    assert not (tmp_path / "d" / "index.html").exists()
+
+
+def test_an_saelens_directory_with_model_and_site_builds_the_same_site(runs, tiny_dir, tmp_path, capsys):
+    """The SAELens-format directory of a run, given --model and --site, builds the dashboard the run builds when
+    both read the same text (--corpus from its start, cut at the same --context-length): the same densities, maxima and subspace shares."""
+    common = ["--corpus", str(tiny_dir / "corpus"), "--context-length", "64", "--tokens", "600", "--n-top", "3",
+              "--dtype", "float32", "--quiet"]
+    assert main(["dashboard", str(runs / "sae-standard"), *common, "--out", str(tmp_path / "from-run")]) == 0
+    assert main(["dashboard", str(runs / "sae-standard" / "sae"), "--model", str(tiny_dir / "model"), "--site",
+                 "L1.attn_out", *common, "--out", str(tmp_path / "from-saelens")]) == 0
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("from-run", "from-saelens"))
+    assert a["tokens"] == b["tokens"] == 600 and a["n_features"] == b["n_features"] == 128
+    assert a["density"] == b["density"] and a["subspace_share"] == pytest.approx(b["subspace_share"], abs=1e-6)
+    ra, rb = _records(tmp_path / "from-run"), _records(tmp_path / "from-saelens")
+    assert [ra[f]["top"] for f in sorted(ra)] == [rb[f]["top"] for f in sorted(rb)]

@@ -300,7 +300,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("models", help="list the embedded models").set_defaults(func=_cmd_models)
     p = sub.add_parser("sites", help="list every activation site of a model with its dimension")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model", required=True, help=f"{MODEL_HELP} (required)")
     p.set_defaults(func=_cmd_sites)
     _job(sub, "collect", "capture activations of sites over a corpus into an on-disk store", CollectConfig,
          _cmd_collect)
@@ -337,7 +337,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                                                 "LlamaScope SAE directory (with --model and --site), or a Lorsa "
                                                 "directory")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
-                   help="compare two runs of the same site instead (their dashboards are built when missing)")
+                   help="compare two runs of the same site instead (their dashboards are built when missing) "
+                        "(optional)")
     p.add_argument("--out", metavar="DIR", help="where the site goes (default: DIRECTORY/dashboard; required with "
                                                 "--compare)")
     p = _job(sub, "serve", "serve a dashboard on 127.0.0.1 with a prompt box: type a text, see which features (or "
