@@ -24,7 +24,7 @@ from ranklens.data.collect import CollectConfig, collect
 from ranklens.eval.held_out import HeldOutSet
 from ranklens.io import atomic_write_json, atomic_write_text
 from ranklens.linalg.accumulator import CovarianceAccumulator
-from ranklens.linalg.basis import effective_rank, principal_basis
+from ranklens.linalg.basis import directions_for_variance, effective_rank, principal_basis
 from ranklens.lm.load import load_model
 from ranklens.train.sae_job import SAETrainConfig, train_sae
 
@@ -41,10 +41,9 @@ def spectrum_summary(store, site: str, tokens: int) -> dict:
             break
     basis = principal_basis(acc)
     s = basis.singular_values
-    variance = (s**2) / (s**2).sum()
-    cumulative = variance.cumsum(0)
     return {"d": int(s.numel()), "tokens": acc.n, "erank": float(effective_rank(s)),
-            "dims_for_variance": {str(v): int((cumulative < v).sum()) + 1 for v in VARIANCE_LEVELS}}
+            "dims_for_variance": {str(v): directions_for_variance(s, v) for v in VARIANCE_LEVELS},
+            "singular_values": s.tolist()}
 
 
 def main() -> int:
@@ -79,7 +78,7 @@ def main() -> int:
         d = store.sites[site]
         spectrum = spectrum_summary(store, site, 100_000)
         d_inits = sorted({max(1, round(f * d)) for f in fractions})
-        cells = [("standard", None)] + [("asi", v) for v in d_inits]
+        cells = [("standard", None)] + [("asi", v) for v in d_inits] + [("asi", "auto")]  # auto: the rule itself
         base = dict(model=model, site=site, store=str(store.directory), tokens=args.tokens, context_length=context_length,
                     batch_size=args.batch_size, expansion=8, k=50, lr=args.lr, warmup_steps=50,
                     b_dec_init="mean", init_tokens=100_000, eval_tokens=args.eval_tokens, lm_eval_tokens=0,
@@ -88,14 +87,15 @@ def main() -> int:
         runs = evidence["sites"].get(key, {}).get("runs", {})
         for seed in range(args.seeds):  # every cell at seed 0 first, so a cut-short run still covers the grid
             for init, d_init in cells:
-                cfg = SAETrainConfig(**base, init=init, d_init=d_init or "auto", seed=seed)
+                cfg = SAETrainConfig(**base, init=init, d_init=d_init or "auto", seed=seed)  # standard ignores d_init
                 name = f"{init}{d_init or ''}-s{seed}"
                 run_dir = out / "runs" / f"{model}-{site}" / name
                 if held_out is None:
                     held_out = HeldOutSet(lm, [site], store.held_out(), args.eval_tokens, 0)
                 print(f"{key} {name}", file=sys.stderr, flush=True)
                 metrics = train_sae(cfg, run_dir, progress=False, lm=lm, held_out=held_out)
-                runs[name] = {"init": init, "d_init": d_init or d, "seed": seed, "fvu": metrics["fvu"],
+                runs[name] = {"init": init, "d_init": metrics["d_init"] or d, "auto": d_init == "auto", "seed": seed,
+                              "fvu": metrics["fvu"],
                               "dead": metrics["train_dead"], "eval_dead": metrics["eval_dead"],
                               "n_features": metrics["n_features"], "dead_window_tokens": metrics["dead_window_tokens"]}
                 evidence["sites"][key] = {"spectrum": spectrum, "runs": runs}
@@ -106,29 +106,35 @@ def main() -> int:
     return 0
 
 
-def summary(runs: dict) -> dict[int, dict[str, float]]:
-    by_d: dict[int, list[dict]] = {}
+def summary(runs: dict) -> dict[tuple[int, bool], dict[str, float]]:
+    """Per (d_init, whether the auto rule chose it): means over seeds."""
+    by_d: dict[tuple[int, bool], list[dict]] = {}
     for r in runs.values():
-        by_d.setdefault(r["d_init"], []).append(r)
+        by_d.setdefault((r["d_init"], r.get("auto", False)), []).append(r)
     return {d: {"fvu": float(np.mean([r["fvu"] for r in rs])), "fvu_std": float(np.std([r["fvu"] for r in rs])),
-                "dead": float(np.mean([r["dead"] for r in rs])), "n": len(rs)} for d, rs in sorted(by_d.items())}
+                "dead": float(np.mean([r["dead"] for r in rs])), "eval_dead": float(np.mean([r["eval_dead"] for r in rs])),
+                "n": len(rs)} for d, rs in sorted(by_d.items())}
 
 
 def markdown(evidence: dict) -> str:
     s = evidence["settings"]
     lines = [f"Settings: 8x dictionaries, k = 50, {s['tokens']:,} training tokens per SAE (batch {s['batch_size']}, "
-             f"lr {s['lr']}, bf16 autocast, b_D started at the data mean), {s['seeds']} seeds; FVU on "
-             f"{s['eval_tokens']:,} held-out tokens; dead = not fired in the last quarter of training.", ""]
+             f"lr {s['lr']}, bf16 autocast, b_D started at the data mean), {s['seeds']} seed(s); FVU on "
+             f"{s['eval_tokens']:,} held-out tokens; train dead = not fired in the last quarter of training, eval dead "
+             f"= not fired on the held-out tokens. FVU is mean \u00b1 std over seeds (n per row).", ""]
     for key, site in evidence["sites"].items():
         sp = site["spectrum"]
-        levels = ", ".join(f"{float(v):.0%}: {n}" for v, n in sp["dims_for_variance"].items())
+        levels = ", ".join(f"{float(v):.1%}: {n}" for v, n in sp["dims_for_variance"].items())
         lines += [f"### {key} (d = {sp['d']}, erank {sp['erank']:.1f})", "",
                   f"Principal directions reaching each share of the variance: {levels}.", "",
-                  "| d_init | d_init / d | d_init / erank | FVU | dead |", "|---|---|---|---|---|"]
-        for d_init, row in summary(site["runs"]).items():
-            label = f"{d_init} (standard)" if d_init == sp["d"] else str(d_init)
+                  f"The rule `d_init: auto` (99% of the variance) gives {sp['dims_for_variance']['0.99']} here.", "",
+                  "| d_init | d_init / d | d_init / erank | FVU | train dead | eval dead | n |",
+                  "|---|---|---|---|---|---|---|"]
+        for (d_init, auto), row in summary(site["runs"]).items():
+            label = f"{d_init} (standard)" if d_init == sp["d"] else f"**{d_init} (auto)**" if auto else str(d_init)
             lines.append(f"| {label} | {d_init / sp['d']:.3f} | {d_init / sp['erank']:.2f} | "
-                         f"{row['fvu']:.4f} \u00b1 {row['fvu_std']:.4f} | {row['dead']:.0f} |")
+                         f"{row['fvu']:.4f} \u00b1 {row['fvu_std']:.4f} | {row['dead']:.0f} | {row['eval_dead']:.0f} | "
+                         f"{row['n']} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -2,12 +2,14 @@
 the d_init rule (App. J.3, I.1) and the PCA fold (App. L.1)."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from ranklens.dictionaries.init import (
-    AUTO_D_INIT_ERANK_FRACTION,
+    AUTO_D_INIT_VARIANCE,
     PCAProjection,
     asi_basis,
     default_norm_grid,
@@ -21,7 +23,7 @@ from ranklens.dictionaries.init import (
 from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.errors import RanklensError
 from ranklens.linalg.accumulator import CovarianceAccumulator
-from ranklens.linalg.basis import active_subspace
+from ranklens.linalg.basis import active_subspace, directions_for_variance
 
 D, N_FEAT = 16, 64
 
@@ -222,15 +224,38 @@ def test_random_subspace_init():
 # --------------------------------------------------------------------------- d_init
 
 
+def test_directions_for_variance_equals_a_naive_count():
+    # s^2 = 90, 9, 0.9, 0.1 (total 100): up to 90% needs 1 direction, up to 99% 2, up to 99.9% 3, beyond 4
+    s = torch.tensor([90.0, 9.0, 0.9, 0.1], dtype=torch.float64).sqrt()
+    assert [directions_for_variance(s, v) for v in (0.5, 0.89, 0.95, 0.98, 0.995, 0.998, 0.9995)] == [1, 1, 2, 2, 3, 3, 4]
+    assert directions_for_variance(torch.zeros(5), 0.99) == 1
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = torch.rand(50, generator=g, dtype=torch.float64).sort(descending=True).values ** 3
+        level = float(torch.rand(1, generator=g))
+        share, n = 0.0, 0
+        while share < level * float((s**2).sum()):  # the first n whose top-n variance reaches the level
+            share += float(s[n] ** 2)
+            n += 1
+        assert directions_for_variance(s, level) == max(n, 1)
+
+
+def test_auto_d_init_gives_the_documented_values_on_the_evidence_spectra():
+    # docs/results/d_init_rule.md and resolve_d_init's docstring: 276, 310 and 186 directions hold 99% of the variance
+    spectra = json.loads((Path(__file__).parent / "data" / "d_init_spectra.json").read_text())["singular_values"]
+    documented = {"smollm2-135m/L15.attn_out": 276, "smollm2-135m/L3.attn_out": 310, "minilm-l6/L3.attn_out": 186}
+    assert AUTO_D_INIT_VARIANCE == 0.99
+    for key, d_init in documented.items():
+        assert resolve_d_init("auto", torch.tensor(spectra[key])) == d_init, key
+
+
 def test_resolve_d_init_rules():
-    # the paper's numbers: an erank of 2506 in d = 4096 (Llama-3.1-8B L15 attention output) gives ~768
-    s = torch.cat([torch.ones(2506), torch.zeros(4096 - 2506)]).double()  # erank exactly 2506
-    assert resolve_d_init("auto", s) == round(AUTO_D_INIT_ERANK_FRACTION * 2506) == 752
-    s7 = torch.cat([torch.ones(2351), torch.zeros(4096 - 2351)]).double()  # layer 7: lower erank, smaller d_init
-    assert resolve_d_init("auto", s7) == 705
-    assert resolve_d_init("auto", torch.tensor([1.0, 0.0, 0.0])) == 1  # clamped to >= 1
+    flat = torch.ones(100, dtype=torch.float64)  # every direction holds 1%: 99 of them reach 99%
+    assert resolve_d_init("auto", flat) == 99
+    assert resolve_d_init("auto", torch.tensor([1.0, 0.0, 0.0])) == 1  # one direction holds everything
+    assert resolve_d_init("auto", torch.zeros(3)) == 1  # clamped to >= 1
     assert resolve_d_init(768, d=4096) == 768
-    assert resolve_d_init(4096, s) == 4096
+    assert resolve_d_init(100, flat) == 100
     x = _low_rank_sample()
     acc = _acc(x)
     assert resolve_d_init("auto", acc) == resolve_d_init("auto", torch.linalg.svdvals(x - x.mean(0)))

@@ -27,13 +27,13 @@ from ranklens.linalg.accumulator import CovarianceAccumulator
 from ranklens.linalg.basis import (
     PrincipalBasis,
     active_subspace,
-    effective_rank,
+    directions_for_variance,
     principal_basis,
     singular_values,
 )
 
 __all__ = [
-    "AUTO_D_INIT_ERANK_FRACTION",
+    "AUTO_D_INIT_VARIANCE",
     "NormSearch",
     "PCAProjection",
     "SubspaceInit",
@@ -47,8 +47,8 @@ __all__ = [
     "resolve_d_init",
 ]
 
-# d_init = round(AUTO_D_INIT_ERANK_FRACTION * erank); see resolve_d_init for why 0.3.
-AUTO_D_INIT_ERANK_FRACTION = 0.3
+# d_init = the principal directions holding this share of the variance; see resolve_d_init for the evidence.
+AUTO_D_INIT_VARIANCE = 0.99
 # Rows of x_sample per forward chunk during the norm search: the [chunk, n_features] block stays ~128 MB.
 _EVAL_CHUNK_BYTES = 128 << 20
 # Decoder rows per float64 chunk of the ASI projection (bounded scratch at a million features).
@@ -399,20 +399,21 @@ def resolve_d_init(
     ``source`` (an accumulator of the site's activations, its ``PrincipalBasis``, or its singular values) gives the
     spectrum for "auto" and d when ``d`` is not given.
 
-    The "auto" rule: d_init = round(0.3 * erank), clamped to [1, d], with erank the effective rank of the layer's own
-    centered activations (Definition 4.1). Why:
+    The "auto" rule: d_init = the smallest number of principal directions of the layer's own centered activations
+    whose variance (s_i^2) reaches 99% of the total, clamped to [1, d]. It replaced round(0.3 * erank) (chosen from
+    the paper's numbers alone: 0.3 x 2506 = 752, near App. E.1's 768) after that rule gave 87 of 576 dimensions on
+    SmolLM2-135M L15.attn_out and left twice TopK's dead features. The evidence (docs/results/d_init_rule.md,
+    ``scripts/d_init_evidence.py``: 8x SAEs, k = 50, 1M tokens, d_init from 0.125 d to 0.75 d and the standard init
+    on SmolLM2 L3 and L15 attn_out and MiniLM L3 attn_out, erank 318, 291 and 191):
 
-    - The paper's evidence is all in units of one layer's spectrum. Llama-3.1-8B layer 15 attention output has
-      erank 2506 (Appendix F, Table 1); d_init = 768 is used there (Appendix E.1) and Figure 6 / Appendix J.3 find
-      256..2048 acceptable, i.e. 0.10..0.82 erank. 0.3 erank gives 752 there (2% from 768) and sits at the geometric
-      centre of that band (sqrt(256 * 2048) = 724 = 0.29 erank), a factor ~2.7 from either end, the widest margin
-      against both failure modes J.3 names (too small: the dictionary misses the subspace that carries the key
-      information and features crowd; too large: ASI fades into the plain init, footnote 7).
-    - Appendix I.1 attributes ASI's remaining 5308 dead features on layer 7 (erank 2351) to the FIXED 768 not matching
-      that layer's lower effective rank (layer 23, erank 2654, had 27). A rule proportional to erank gives layer 7
-      705 and layer 23 796: lower-rank sites get smaller subspaces, in the direction the paper points to. erank is
-      also the paper's own measure of the active dimensionality (Sections 4 and 5.1), cheap from an accumulator, and
-      insensitive to the near-zero tail that a fraction-of-variance rule would depend on.
+    - FVU falls monotonically as d_init grows on every site, and no d_init below d beats the standard init's FVU by
+      more than noise at this budget (footnote 7: d_init = d is the standard init). So FVU alone would pick d.
+    - The dead count is lowest in a middle band (about 0.4-0.5 d on SmolLM2: 288 of 576 on both layers), and rises
+      steeply below it (the App. J.3 failure: features crowd into too small a subspace) and mildly above it.
+    - The 99% level lands in that band on every site (276, 310 and 186 directions, i.e. 0.48, 0.54 and 0.48 d); it
+      follows each site's own spectrum (a lower-rank site gets a smaller subspace, as App. I.1 suggests) and, unlike
+      a share of d, says what the subspace holds. The effective rank lands close by (291, 318, 191) but is a
+      spectral entropy, not a statement about variance kept.
 
     Errors (RanklensError): a spec that is not an int or "auto", an int outside [1, d], "auto" without a spectrum.
     """
@@ -428,8 +429,7 @@ def resolve_d_init(
             raise RanklensError(f"{what}: d_init={spec!r}; expected an int in [1, d] or 'auto'")
         if s is None or dim is None:
             raise RanklensError(f"{what}: d_init='auto' needs the spectrum (an accumulator or singular values); got none")
-        erank = effective_rank(s)
-        return int(min(dim, max(1, round(AUTO_D_INIT_ERANK_FRACTION * erank))))
+        return int(min(dim, max(1, directions_for_variance(s, AUTO_D_INIT_VARIANCE))))
     if isinstance(spec, bool) or not isinstance(spec, int):
         raise RanklensError(f"{what}: d_init={spec!r}; expected an int in [1, d] or 'auto'")
     if dim is None:

@@ -24,8 +24,8 @@ import torch
 from ranklens.errors import RanklensError
 from ranklens.linalg.accumulator import CovarianceAccumulator
 
-__all__ = ["PrincipalBasis", "active_subspace", "effective_rank", "erank_fraction", "principal_basis",
-           "singular_values"]
+__all__ = ["PrincipalBasis", "active_subspace", "directions_for_variance", "effective_rank", "erank_fraction",
+           "principal_basis", "singular_values"]
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -180,3 +180,15 @@ def erank_fraction(s: torch.Tensor | Sequence[float], d: int | None = None) -> f
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise RanklensError(f"erank_fraction d={d!r}: expected a positive int (the activation dimension)")
     return effective_rank(t) / dim
+
+
+def directions_for_variance(s: torch.Tensor, level: float) -> int:
+    """The smallest n whose top-n principal directions hold ``level`` of the variance: the first n with
+    sum_{i<n} s_i^2 >= level * sum_i s_i^2 (singular values s in descending order, as ``principal_basis`` gives
+    them); 1 for an all-zero spectrum."""
+    variance = torch.as_tensor(s, dtype=torch.float64) ** 2
+    total = float(variance.sum())
+    if total == 0.0:
+        return 1
+    kept = torch.cumsum(variance, 0)
+    return int((kept < level * total).sum()) + 1
