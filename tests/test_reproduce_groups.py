@@ -70,7 +70,7 @@ def test_groups_split_by_seed_and_budget(cfg, tmp_path):
     cells = _cells(plan)
     groups = plan.groups(cells + cells[:3])  # a repeated cell counts once
     assert {len({c.seed for c in g}) for g in groups} == {1} and sum(map(len, groups)) == len(set(cells))
-    one = max(map(plan.cell_bytes, cells))
-    small = plan.groups(cells, budget=2 * one)
-    assert all(sum(map(plan.cell_bytes, g)) <= 2 * one or len(g) == 1 for g in small) and len(small) > 2
+    budget = 2 * max(plan.group_bytes([c]) for c in cells)
+    small = plan.groups(cells, budget=budget)
+    assert all(plan.group_bytes(g) <= budget or len(g) == 1 for g in small) and len(small) > 2
     assert [c for g in small for c in g] == [c for g in groups for c in g]  # the same order

@@ -157,18 +157,18 @@ class Plan:
         """Cells with equal keys read the same batches of their sites in the same order, for as many steps."""
         return cell.seed, cell.tokens
 
-    def cell_bytes(self, cell: Cell) -> int:
-        """What a cell adds to a group's memory: its dictionary state and its site's held-out activations."""
+    def group_bytes(self, cells: list[Cell]) -> int:
+        """What a group holds in memory: each member's dictionary state and each site's held-out activations."""
         d = self.shape.d_model
-        return 16 * 2 * cell.expansion * d * d + 4 * self.cfg.eval_tokens * d
+        return sum(16 * 2 * c.expansion * d * d for c in cells) + 4 * self.cfg.eval_tokens * d * len({c.site for c in cells})
 
     def groups(self, cells: list[Cell], budget: int = GROUP_BYTES) -> list[list[Cell]]:
-        """`cells` (in order, each once) as groups of one key, each within `budget` bytes (``cell_bytes``); a
+        """`cells` (in order, each once) as groups of one key, each within `budget` bytes (``group_bytes``); a
         group of one cell trains alone."""
         by_key: dict[tuple[int, int], list[list[Cell]]] = {}
         for cell in dict.fromkeys(cells):
             chunks = by_key.setdefault(self.group_key(cell), [[]])
-            if chunks[-1] and sum(map(self.cell_bytes, chunks[-1])) + self.cell_bytes(cell) > budget:
+            if chunks[-1] and self.group_bytes([*chunks[-1], cell]) > budget:
                 chunks.append([])
             chunks[-1].append(cell)
         return [chunk for chunks in by_key.values() for chunk in chunks]
