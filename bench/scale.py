@@ -6,7 +6,8 @@
     tokens: the ratio of their training throughputs (tokens/s from metrics.jsonl).
 (c) peak memory (max RSS) per rank with the dictionary sharded by feature over 2 ranks against one process.
 
-Usage: python bench/scale.py [--tokens 65536] [--parts a,b,c] [--a-sites 1,4,16,30] [--out bench/results/scale.json]
+Usage: python bench/scale.py [--tokens 65536] [--parts a,b,c] [--a-sites 1,4,16,30] [--a-tokens N]
+       [--out bench/results/scale.json]   (runs c, then a, then b)
 Each part runs the `ranklens` command line in subprocesses (nothing is shared between variants); the results file is
 rewritten after every measurement, so an interrupted run keeps what finished.
 """
@@ -101,9 +102,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65_536)
     parser.add_argument("--parts", default="a,b,c")
     parser.add_argument("--a-sites", default="1,4,16,30", help="part a: the numbers of sites")
+    parser.add_argument("--a-tokens", type=int, default=None, help="part a: training tokens (default --tokens)")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
-    results: dict = {"tokens": args.tokens}
+    results: dict = {"tokens": args.tokens, "a_tokens": args.a_tokens or args.tokens}
 
     def save(part_a: dict | None = None) -> None:
         if part_a is not None:
@@ -116,11 +118,11 @@ def main() -> None:
             store = tmp / "store"
             run([*RANKLENS, "collect", "--model", "smollm2-135m", "--sites", "L15.attn_out", "--tokens",
                  str(args.tokens), "--quiet", "--out", str(store)], 2)
-        if "a" in args.parts:
-            part_a(tmp, args.tokens, [int(k) for k in args.a_sites.split(",")], save)
         if "c" in args.parts:
             results["c_feature_sharding_memory"] = part_c(tmp, args.tokens, store)
             save()
+        if "a" in args.parts:
+            part_a(tmp, args.a_tokens or args.tokens, [int(k) for k in args.a_sites.split(",")], save)
         if "b" in args.parts:
             results["b_data_parallel"] = part_b(tmp, args.tokens, store)
             save()
