@@ -260,3 +260,13 @@ def test_group_flags_are_checked_before_work(tiny_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "not both" in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "x").exists()
+
+
+def test_a_group_of_one_site_on_the_fly(tiny_dir, tmp_path):
+    """--sites with one site and --source stream (a one-site stream yields bare batches) equals the single run."""
+    cfg = _sae_cfg(tiny_dir, site="L15.attn_out", sites="L1.attn_out", init="standard", tokens=1024,
+                   source="stream", stream_chunk_tokens=1024)
+    group = train_sae(cfg, tmp_path / "group", progress=False)["members"]["L1.attn_out"]
+    alone = train_sae(cfg.model_copy(update={"site": "L1.attn_out", "sites": None, "data_seed": 0}),
+                      tmp_path / "alone", progress=False)
+    assert {k: v for k, v in group.items() if k != "held_out"} == {k: v for k, v in alone.items() if k != "held_out"}
