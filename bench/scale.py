@@ -6,8 +6,10 @@
     tokens: the ratio of their training throughputs (tokens/s from metrics.jsonl).
 (c) peak memory (max RSS) per rank with the dictionary sharded by feature over 2 ranks against one process.
 
-Usage: python bench/scale.py [--tokens 65536] [--parts a,b,c] [--out bench/results/scale.json]
-Each part runs the `ranklens` command line in subprocesses (nothing is shared between variants).
+Usage: python bench/scale.py [--tokens 65536] [--parts a,b,c] [--a-sites 1,4,16,30] [--a-tokens N]
+       [--out bench/results/scale.json]   (runs c, then a, then b)
+Each part runs the `ranklens` command line in subprocesses (nothing is shared between variants); the results file is
+rewritten after every measurement, so an interrupted run keeps what finished.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,20 +29,25 @@ COMMON = ["--model", "smollm2-135m", "--expansion", "4", "--k", "32", "--batch-s
           "--eval-tokens", "2048", "--lm-eval-tokens", "0", "--checkpoint-every", "100000", "--quiet"]
 
 
+# Runs a command and prints the peak RSS of its largest process (torchrun's ranks included) as its last stderr line.
+# A fresh process per command: this process's own RUSAGE_CHILDREN maximum only ever grows.
+PEAK = [sys.executable, "-c", "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"]
+
+
 def run(cmd: list[str], threads: int) -> tuple[float, int]:
-    """(wall seconds, peak RSS of the children in KiB) of a command."""
+    """(wall seconds, peak RSS of the command's largest process in KiB) of a command."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run([*PEAK, *cmd], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    return time.perf_counter() - start, max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return time.perf_counter() - start, int(done.stderr.strip().splitlines()[-1])
 
 
-def part_a(tmp: Path, tokens: int) -> dict:
-    out = {}
-    for k in (1, 4, 16, 30):
+def part_a(tmp: Path, tokens: int, ks: list[int], save) -> dict:
+    out: dict = {}
+    for k in ks:
         layers = sorted({round(i * 29 / max(k - 1, 1)) for i in range(k)}) if k > 1 else [15]
         sites = ",".join(f"L{layer}.attn_out" for layer in layers)
         group, _ = run([*RANKLENS, "train", "sae", "--source", "stream", "--sites", sites, "--tokens", str(tokens),
@@ -56,6 +62,7 @@ def part_a(tmp: Path, tokens: int) -> dict:
                        "speedup": round(alone / group, 2)}
         print(f"(a) k = {len(layers)}: one forward {group:.1f} s, separate runs {alone:.1f} s, "
               f"speedup {alone / group:.2f}x", flush=True)
+        save(out)
     return out
 
 
@@ -94,23 +101,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=65_536)
     parser.add_argument("--parts", default="a,b,c")
+    parser.add_argument("--a-sites", default="1,4,16,30", help="part a: the numbers of sites")
+    parser.add_argument("--a-tokens", type=int, default=None, help="part a: training tokens (default --tokens)")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
-    results: dict = {"tokens": args.tokens}
+    results: dict = {"tokens": args.tokens, "a_tokens": args.a_tokens or args.tokens}
+
+    def save(part_a: dict | None = None) -> None:
+        if part_a is not None:
+            results["a_sites_from_one_forward"] = part_a
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         if {"b", "c"} & set(args.parts.split(",")):
             store = tmp / "store"
             run([*RANKLENS, "collect", "--model", "smollm2-135m", "--sites", "L15.attn_out", "--tokens",
                  str(args.tokens), "--quiet", "--out", str(store)], 2)
-        if "a" in args.parts:
-            results["a_sites_from_one_forward"] = part_a(tmp, args.tokens)
-        if "b" in args.parts:
-            results["b_data_parallel"] = part_b(tmp, args.tokens, store)
         if "c" in args.parts:
             results["c_feature_sharding_memory"] = part_c(tmp, args.tokens, store)
+            save()
+        if "a" in args.parts:
+            part_a(tmp, args.a_tokens or args.tokens, [int(k) for k in args.a_sites.split(",")], save)
+        if "b" in args.parts:
+            results["b_data_parallel"] = part_b(tmp, args.tokens, store)
+            save()
         shutil.rmtree(tmp, ignore_errors=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"written to {args.out}")
 
 

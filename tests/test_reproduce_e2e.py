@@ -16,6 +16,7 @@ from ranklens.reproduce.context import Context
 from ranklens.reproduce.pipeline import run_steps
 from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
+from ranklens.train.sae_job import SAERun
 
 STEPS = ["low_rank", "wo", "activations", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa",
          "budget", "dashboards"]
@@ -97,28 +98,31 @@ def test_every_experiment_report_and_reuse(micro, tmp_path, monkeypatch, capsys)
 
 
 def test_killed_run_continues_with_finished_work(micro, tmp_path, monkeypatch):
-    """Killed inside the first SAE step (after 2 of its 3 runs), the rerun trains only the third."""
+    """The dead-feature sweep's 3 cells train as one group; killed after 2 of them finished, the rerun trains only the
+    third (alone, from its own checkpoint)."""
     cfg = ReproduceConfig.load(micro)
     plan = Plan(cfg, tmp_path, ModelShape.of(cfg.model))
     steps = job.steps(plan)[:4]  # the spectrum, W_O, the store and the dead-feature sweep
     assert [s.name for s in steps] == STEPS[:4]
-    trained = []
-    original = context_module.train_sae
+    finished = []
+    original_finish = SAERun.finish
 
-    def dies_after_two(cfg, run_dir, *args, **kwargs):
-        if len(trained) == 2:
+    def dies_after_two(run):
+        if len(finished) == 2:
             raise KeyboardInterrupt
-        trained.append(run_dir.name)
-        return original(cfg, run_dir, *args, **kwargs)
+        finished.append(run.out.name)
+        return original_finish(run)
 
-    monkeypatch.setattr(context_module, "train_sae", dies_after_two)
+    monkeypatch.setattr(SAERun, "finish", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_steps(tmp_path, steps, Context(plan, progress=False), progress=False)
     assert {p.name for p in (tmp_path / "steps").iterdir()} == {"low_rank.json", "wo.json", "activations.json",
                                                                  "dead_vs_rank.partial.json"}
-    assert all((tmp_path / "sae" / d / "metrics.json").exists() for d in trained)
+    assert all((tmp_path / "sae" / d / "metrics.json").exists() for d in finished)
+    monkeypatch.setattr(SAERun, "finish", original_finish)
 
     retrained = []
+    original = context_module.train_sae
 
     def counting(cfg, run_dir, *args, **kwargs):
         if kwargs.get("lm") is not None:  # a run that trains (finished runs are read without a model)
@@ -127,7 +131,7 @@ def test_killed_run_continues_with_finished_work(micro, tmp_path, monkeypatch):
 
     monkeypatch.setattr(context_module, "train_sae", counting)
     records = run_steps(tmp_path, steps, Context(plan, progress=False), progress=False)
-    assert len(retrained) == 1 and retrained[0] not in trained
+    assert len(retrained) == 1 and retrained[0] not in finished
     assert records["dead_vs_rank"]["attempts"] == 2 and len(records["dead_vs_rank"]["result"]["points"]) == 3
 
 

@@ -246,3 +246,27 @@ def test_group_flags_are_checked_before_work(tiny_dir, tmp_path, capsys):
     code = main(["train", "sae", "--model", str(tiny_dir / "model"), "--sites", "L1.attn_out", "--site",
                  "L15.attn_out", "--out", str(tmp_path / "x"), "--quiet"])
     assert code == 2 and "not both" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    for values, message in [({"sites": "L1.attn_out", "k_values": "4,8", "k": 16}, "give --k-values"),
+                            ({"sites": "L1.attn_out", "expansion_values": "2,4", "expansion": 2},
+                             "give --expansion-values"),
+                            ({"sites": "L1.attn_out", "expansion_values": "2,4", "n_features": 64},
+                             "give --expansion-values"),
+                            ({"sites": "L1.attn_out", "shards": 2}, "--shards splits one SAE")]:
+        with pytest.raises(RanklensError, match=message):
+            SAETrainConfig.build(values)
+    for flags in (["--k-values", "4,8", "--k", "50"], ["--expansion-values", "2,4", "--n-features", "64"]):
+        code = main(["train", "sae", "--model", str(tiny_dir / "model"), "--sites", "L1.attn_out", *flags, "--out",
+                     str(tmp_path / "x"), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and "not both" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_group_of_one_site_on_the_fly(tiny_dir, tmp_path):
+    """--sites with one site and --source stream (a one-site stream yields bare batches) equals the single run."""
+    cfg = _sae_cfg(tiny_dir, site="L15.attn_out", sites="L1.attn_out", init="standard", tokens=1024,
+                   source="stream", stream_chunk_tokens=1024)
+    group = train_sae(cfg, tmp_path / "group", progress=False)["members"]["L1.attn_out"]
+    alone = train_sae(cfg.model_copy(update={"site": "L1.attn_out", "sites": None, "data_seed": 0}),
+                      tmp_path / "alone", progress=False)
+    assert {k: v for k, v in group.items() if k != "held_out"} == {k: v for k, v in alone.items() if k != "held_out"}

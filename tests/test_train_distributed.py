@@ -116,6 +116,11 @@ def test_bad_layouts_are_one_line_before_work(tiny_dir, store, tmp_path):
     run = _torchrun({**_args(tiny_dir, store), "n_features": 101, "shards": 2}, tmp_path / "bad2", 2)
     assert run.returncode != 0 and "split into equal blocks" in run.stderr
     assert not (tmp_path / "bad2").exists()
+    values = _args(tiny_dir, store)
+    del values["site"]
+    run = _torchrun({**values, "sites": "L1.attn_out"}, tmp_path / "bad3", 2)
+    assert run.returncode != 0 and "--sites trains its SAEs in one process" in run.stderr
+    assert not (tmp_path / "bad3").exists()
 
 
 @pytest.fixture(scope="module")

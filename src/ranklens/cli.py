@@ -138,6 +138,9 @@ def _cmd_train_sae(args: argparse.Namespace) -> None:
 
     if args.site is not None and args.sites is not None:
         raise RanklensError("give --sites (many SAEs) or --site (one), not both")
+    for one, many in (("k", "k_values"), ("expansion", "expansion_values"), ("n_features", "expansion_values")):
+        if getattr(args, one) is not None and getattr(args, many) is not None:
+            raise RanklensError(f"give {flag(many)} (one SAE per value) or {flag(one)} (one), not both")
     cfg = _config(args, SAETrainConfig)
     from ranklens.distributed import init_from_env, is_main, shutdown
 

@@ -8,7 +8,8 @@ DIR/results.json and DIR/report.html with the verdicts (``report``).
 
 Where things go: DIR/config.yaml (the resolved config), DIR/steps/*.json (one record per finished step),
 DIR/spectrum/ (the spectrum job), DIR/stores/sae/ (the activation store; only needed while SAE steps run, so it may
-be deleted once the run is finished), DIR/sae/<run>/ (one `ranklens train sae` run directory per cell),
+be deleted once the run is finished), DIR/sae/<run>/ (one `ranklens train sae` run directory per cell; a step
+trains its cells of one seed and token budget as one group on one pass over the store, ``Context.train_all``),
 DIR/lorsa/<run>/ (one `ranklens train lorsa` run directory per cell),
 DIR/figures/, DIR/results.json, DIR/report.html.
 """

@@ -4,6 +4,11 @@ weights): the middle layer, the sampled layers, the sites, the store, and the SA
 A *cell* is one SAE training run (one method, size, k and seed at one site); its run directory name is derived from
 its settings, so experiments that need the same cell (the TopK baseline of the k sweep is also the d_init = d point
 of the d_init sweep, the control of the random subspace, and half of the dead-subspace analysis) share one run.
+
+Cells of one seed and token budget read the same store in the same order (the data order follows the seed), whatever
+their site, method, size, k or learning rate; ``Plan.groups`` gathers them so that a step trains each such group in
+lockstep from one pass over the store (``ranklens.train.group``), every member computing what its single run
+computes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ STORE_DIR = "stores/sae"
 SAE_DIR = "sae"
 SWEEP_KINDS = ("attn_out", "mlp_out", "resid_post")  # Figure 5: attention output, MLP output, residual stream
 SHUFFLE_BUFFER_TOKENS = 262_144
+# At most this much dictionary state (weights, gradients, Adam moments: 16 bytes a parameter) and held-out activations
+# in memory at once when cells train as a group; a larger group is split (into groups trained one after another).
+GROUP_BYTES = 4 << 30
 
 # The methods of Figures 7 and 8: (init, optimizer, AuxK?)
 METHODS = {
@@ -144,6 +152,26 @@ class Plan:
             shuffle_buffer_tokens=max(2 * c.batch_size, min(SHUFFLE_BUFFER_TOKENS, c.store_tokens)),
             eval_tokens=c.eval_tokens, lm_eval_tokens=c.lm_eval_tokens, seed=cell.seed,
             context_length=c.context_length, dtype=c.dtype, train_dtype=c.train_dtype, device=c.device)
+
+    def group_key(self, cell: Cell) -> tuple[int, int]:
+        """Cells with equal keys read the same batches of their sites in the same order, for as many steps."""
+        return cell.seed, cell.tokens
+
+    def group_bytes(self, cells: list[Cell]) -> int:
+        """What a group holds in memory: each member's dictionary state and each site's held-out activations."""
+        d = self.shape.d_model
+        return sum(16 * 2 * c.expansion * d * d for c in cells) + 4 * self.cfg.eval_tokens * d * len({c.site for c in cells})
+
+    def groups(self, cells: list[Cell], budget: int = GROUP_BYTES) -> list[list[Cell]]:
+        """`cells` (in order, each once) as groups of one key, each within `budget` bytes (``group_bytes``); a
+        group of one cell trains alone."""
+        by_key: dict[tuple[int, int], list[list[Cell]]] = {}
+        for cell in dict.fromkeys(cells):
+            chunks = by_key.setdefault(self.group_key(cell), [[]])
+            if chunks[-1] and self.group_bytes([*chunks[-1], cell]) > budget:
+                chunks.append([])
+            chunks[-1].append(cell)
+        return [chunk for chunks in by_key.values() for chunk in chunks]
 
     def sae_dir(self, cell: Cell) -> Path:
         return self.out / SAE_DIR / cell.name

@@ -98,8 +98,16 @@ class SAETrainConfig(TrainFields):
         many = self.seeds > 1 or self.k_values or self.expansion_values
         if self.sites is None and many:
             raise ValueError("--seeds, --k-values and --expansion-values need --sites")
-        if self.sites is not None and self.site != type(self).model_fields["site"].default:
+        fields = type(self).model_fields
+        if self.sites is not None and self.site != fields["site"].default:
             raise ValueError("give --sites (many SAEs) or --site (one), not both")
+        if self.k_values and self.k != fields["k"].default:
+            raise ValueError("give --k-values (one SAE per k) or --k (one), not both")
+        if self.expansion_values and (self.expansion != fields["expansion"].default or self.n_features is not None):
+            raise ValueError("give --expansion-values (one SAE per size) or --expansion / --n-features (one), not both")
+        if self.sites is not None and self.shards > 1:
+            raise ValueError("--shards splits one SAE over torchrun ranks; with --sites (one process) train each "
+                             "site alone with --site instead")
         if any(v < 1 for v in [*self.k_values, *self.expansion_values]):
             raise ValueError("--k-values and --expansion-values must be positive integers")
         return self

@@ -52,11 +52,19 @@ def members(cfg: SAETrainConfig, sites: list[Site]) -> list[tuple[str, Site, SAE
 class _View:
     """One site of a multi-site stream, as the training data of that site's members (``head`` for their init)."""
 
-    def __init__(self, stream: StreamSource, site: str, total_steps: int, held_out) -> None:
+    def __init__(self, stream, site: str, total_steps: int, held_out) -> None:
         self.stream, self.site, self.total_steps, self.held_out = stream, site, total_steps, held_out
 
     def head(self):
         return (batch[self.site] for batch in self.stream(0))
+
+
+def _by_site(stream: StreamSource):
+    """The stream's batches as {site: batch} (a stream of one site yields bare batches)."""
+    if len(stream.sites) > 1:
+        return stream
+    (site,) = stream.sites
+    return lambda start: ({site: batch} for batch in stream(start))
 
 
 def train_sae_group(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: LoadedModel | None = None,
@@ -88,9 +96,9 @@ def train_sae_group(cfg: SAETrainConfig, out: str | Path, progress: bool = True,
             store_path = None
             first = StreamTokens(lm, sites[0], cfg.corpus, seed=seed, context_length=cfg.context_length,
                                  batch_size=cfg.batch_size, tokens=cfg.tokens, chunk_tokens=cfg.stream_chunk_tokens)
-            stream = StreamSource(lm, [s.name for s in sites], cfg.corpus, seed=seed,
-                                  context_length=cfg.context_length, batch_size=cfg.batch_size,
-                                  chunk_tokens=cfg.stream_chunk_tokens)
+            stream = _by_site(StreamSource(lm, [s.name for s in sites], cfg.corpus, seed=seed,
+                                           context_length=cfg.context_length, batch_size=cfg.batch_size,
+                                           chunk_tokens=cfg.stream_chunk_tokens))
             held_text = first.held_out
             sources = {s.name: _View(stream, s.name, first.total_steps, held_text) for s in sites}
             batches = stream

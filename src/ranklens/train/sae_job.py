@@ -23,7 +23,7 @@ from ranklens.dictionaries.init import init_asi_, init_random_subspace_, init_st
 from ranklens.dictionaries.sae import SAEConfig, SparseAutoencoder
 from ranklens.dictionaries.saelens import save_saelens
 from ranklens.dictionaries.sharded import ShardedSAE
-from ranklens.distributed import Layout, rank_device, ranked_run_dir
+from ranklens.distributed import Layout, rank_device, ranked_run_dir, world
 from ranklens.errors import RanklensError
 from ranklens.eval.held_out import HeldOutSet
 from ranklens.eval.metrics import METRICS_FORMAT, upgrade_metrics
@@ -151,6 +151,10 @@ def train_sae(cfg: SAETrainConfig, out: str | Path, progress: bool = True, lm: L
     """
     if cfg.sites is not None:
         from ranklens.train.sae_group import train_sae_group
+
+        if (layout.world if layout is not None else world()[1]) > 1:
+            raise RanklensError("--sites trains its SAEs in one process (they share one forward per batch); under "
+                                "torchrun train one site per job with --site")
 
         return train_sae_group(cfg, out, progress=progress, lm=lm)
     layout = layout or Layout(cfg.shards)
