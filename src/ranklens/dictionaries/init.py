@@ -403,17 +403,19 @@ def resolve_d_init(
     whose variance (s_i^2) reaches 99% of the total, clamped to [1, d]. It replaced round(0.3 * erank) (chosen from
     the paper's numbers alone: 0.3 x 2506 = 752, near App. E.1's 768) after that rule gave 87 of 576 dimensions on
     SmolLM2-135M L15.attn_out and left twice TopK's dead features. The evidence (docs/results/d_init_rule.md,
-    ``scripts/d_init_evidence.py``: 8x SAEs, k = 50, 1M tokens, d_init from 0.125 d to 0.75 d and the standard init
-    on SmolLM2 L3 and L15 attn_out and MiniLM L3 attn_out, erank 318, 291 and 191):
+    ``scripts/d_init_evidence.py``: 8x SAEs, k = 50, 1M tokens, 2 seeds, d_init from 0.125 d to 0.75 d, the rule
+    itself and the standard init on SmolLM2 L3 and L15 attn_out and MiniLM L3 attn_out, erank 318, 291 and 191):
 
-    - FVU falls monotonically as d_init grows on every site, and no d_init below d beats the standard init's FVU by
-      more than noise at this budget (footnote 7: d_init = d is the standard init). So FVU alone would pick d.
-    - The dead count is lowest in a middle band (about 0.4-0.5 d on SmolLM2: 288 of 576 on both layers), and rises
-      steeply below it (the App. J.3 failure: features crowd into too small a subspace) and mildly above it.
-    - The 99% level lands in that band on every site (276, 310 and 186 directions, i.e. 0.48, 0.54 and 0.48 d); it
-      follows each site's own spectrum (a lower-rank site gets a smaller subspace, as App. I.1 suggests) and, unlike
-      a share of d, says what the subspace holds. The effective rank lands close by (291, 318, 191) but is a
-      spectral entropy, not a statement about variance kept.
+    - FVU falls monotonically as d_init grows on every site, towards the standard init's (footnote 7: d_init = d
+      is the standard init); only 0.75 d on L3 edges below it (0.0985 against 0.0990). FVU alone would pick d.
+    - Dead features: on both SmolLM2 sites ASI's fewest sit at about half of d (L15: 930 trained-dead at 288 against
+      990 for the standard init, held-out dead 1,188 against 1,344; L3: held-out dead 70 against 148) and climb
+      steeply below it (App. J.3: features crowd into too small a subspace). The 99% level lands there (276 and 310
+      directions). On MiniLM it does not: dead counts fall all the way to d (159 at the rule's 186, 101 at 288, 87
+      for the standard init), so there the rule costs dead features; no spectral level we measured lands near the
+      best d_init on all three sites (99.9%, 409 / 436 / 270, would fit MiniLM and lose SmolLM2 L15's gain).
+    - The level follows each site's own spectrum and says what the subspace holds; the effective rank lands close by
+      (291, 318, 191) but is a spectral entropy, not a statement about variance kept.
 
     Errors (RanklensError): a spec that is not an int or "auto", an int outside [1, d], "auto" without a spectrum.
     """
