@@ -2,7 +2,7 @@
 effective rank, beside the standard init, with the spectrum statistics a rule could be stated in.
 
     .venv/bin/python scripts/d_init_evidence.py --out runs/d_init_evidence
-    .venv/bin/python scripts/d_init_evidence.py --out runs/d_init_evidence --report docs/results/d_init_rule.md
+    .venv/bin/python scripts/d_init_evidence.py --out runs/d_init_evidence --report TABLES.md  (the tables of docs/results/d_init_rule.md)
 
 Per site: one activation store (`ranklens collect`), then `ranklens train sae` runs (in this process, sharing the
 store and one held-out set) for every d_init of the grid (fractions of d) and the standard init, each over the
