@@ -117,11 +117,14 @@ def test_two_real_trainings_into_one_directory(tiny_dir, tmp_path):
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before it logged a step; make it longer"
+        # paused mid-training, so it still holds the lock however fast this machine finishes the run
+        first.send_signal(signal.SIGSTOP)
         second = subprocess.run(args, capture_output=True, text=True, env=env)
-        assert first.poll() is None, "the first run ended before the second started; make it longer"
         assert second.returncode == 2 and f"in use by process {first.pid}" in second.stderr, second.stderr
     finally:
-        first.send_signal(signal.SIGINT)
+        first.send_signal(signal.SIGINT)  # pending while stopped: delivered before it runs another step
+        first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=60) == 130
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
