@@ -21,6 +21,9 @@ from ranklens.train.config import SAETrainConfig
 from ranklens.train.sae_job import train_sae
 from ranklens.train.trainer import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, Trainer
 
+_CLI_WITH_CTRL_C = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "from ranklens.cli import main; sys.exit(main(sys.argv[1:]))")
+
 
 def _sae_args(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "sae", "--model", str(tiny_dir / "model"), "--site", "L1.attn_out", "--corpus",
@@ -110,7 +113,9 @@ def test_two_real_trainings_into_one_directory(tiny_dir, tmp_path):
     """Two `ranklens train sae` processes on one directory: the second is refused while the first trains; the
     metrics log has each step once."""
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "ranklens.cli", *_sae_args(tiny_dir, out, "--tokens", "2048000")]
+    # Ctrl-C's handler set explicitly: a suite started in the background by a shell (`make test &`) has SIGINT ignored,
+    # children inherit that, and Python then installs no KeyboardInterrupt at startup
+    args = [sys.executable, "-c", _CLI_WITH_CTRL_C, *_sae_args(tiny_dir, out, "--tokens", "2048000")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
