@@ -49,6 +49,15 @@ def lm_head(model: torch.nn.Module, arch: Architecture) -> torch.nn.Module:
     return head
 
 
+def head_logits(model: torch.nn.Module, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of final hidden states [n, d], in float32 at least (with Gemma 2's final soft-cap where the model has
+    one)."""
+    logits = head(hidden)
+    logits = logits.float() if logits.element_size() < 4 else logits
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 def _sum_ce(model: torch.nn.Module, arch: Architecture, batch: TokenBatch) -> tuple[float, int]:
     """Sum of next-token CE and the number of counted pairs for one batch, with whatever hooks are active."""
     head = lm_head(model, arch)
@@ -58,13 +67,10 @@ def _sum_ce(model: torch.nn.Module, arch: Architecture, batch: TokenBatch) -> tu
     pairs = batch.stat_mask[:, :-1] & batch.stat_mask[:, 1:]
     h = hidden[:, :-1][pairs]  # [n, d]
     targets = batch.input_ids[:, 1:][pairs]
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     step = logit_chunk_rows(head.weight.shape[0])
     total = 0.0
     for start in range(0, h.shape[0], step):
-        logits = head(h[start:start + step]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = head_logits(model, head, h[start:start + step])
         total += float(F.cross_entropy(logits, targets[start:start + step], reduction="sum"))
         del logits  # free this chunk before the next one is formed
     return total, int(pairs.sum())

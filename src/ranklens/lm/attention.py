@@ -68,6 +68,7 @@ __all__ = [
     "RMSNormSpec",
     "RopeSpec",
     "attention_allowed",
+    "attention_probs",
     "attention_reference",
     "check_inputs",
     "default_positions",
@@ -497,29 +498,26 @@ def attention_allowed(
     return allowed
 
 
-def attention_reference(
+def attention_probs(
     w: MHSAWeights,
     x: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Naive MHSA from its weights, one head at a time: returns (attn_out [B, T, d], attn_z [B, T, n_heads*d_head]).
-
-    x is the attention input (site ``attn_in``). Written for clarity, not speed: the check that ``MHSAWeights`` means
-    what the model computes, and the reference the Lorsa exact decomposition is tested against."""
-    B, T = check_inputs(x, w.d_model, attention_mask, "attention_reference")
+) -> torch.Tensor:
+    """Every head's attention pattern A [B, n_heads, T, T] (row i: the weights query i gives each key), computed
+    naively from the weights as the module docstring writes it. Rows with no visible key are zero."""
+    B, T = check_inputs(x, w.d_model, attention_mask, "attention_probs")
     w = w.to(dtype=x.dtype, device=x.device)
     allowed = attention_allowed(T, attention_mask, w.causal, w.sliding_window, x.device)
     cos = sin = None
     if w.positions is not None:
         pos = default_positions(B, T, position_ids, x.device)
         cos, sin = w.positions.cos_sin(pos, x.dtype, x.device)  # [B, T, rotary_dim]
-    zs = []
+    patterns = []
     for h in range(w.n_heads):
         g = w.kv_group(h)
         q = x @ w.W_Q[h].T + (0 if w.b_Q is None else w.b_Q[h])  # [B, T, dh]
         k = x @ w.W_K[g].T + (0 if w.b_K is None else w.b_K[g])
-        v = x @ w.W_V[g].T + (0 if w.b_V is None else w.b_V[g])
         if w.q_norm is not None:
             q = w.q_norm(q)
         if w.k_norm is not None:
@@ -533,8 +531,27 @@ def attention_reference(
         if allowed is not None:
             s = s.masked_fill(~allowed, -math.inf)
         a = torch.softmax(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1).to(x.dtype)
-        a = torch.nan_to_num(a, nan=0.0)  # rows with no visible key
-        zs.append(a @ v)
+        patterns.append(torch.nan_to_num(a, nan=0.0))  # rows with no visible key
+    return torch.stack(patterns, dim=1)
+
+
+def attention_reference(
+    w: MHSAWeights,
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive MHSA from its weights, one head at a time: returns (attn_out [B, T, d], attn_z [B, T, n_heads*d_head]).
+
+    x is the attention input (site ``attn_in``). Written for clarity, not speed: the check that ``MHSAWeights`` means
+    what the model computes, and the reference the Lorsa exact decomposition is tested against."""
+    a = attention_probs(w, x, attention_mask, position_ids)  # [B, H, T, T]
+    w = w.to(dtype=x.dtype, device=x.device)
+    zs = []
+    for h in range(w.n_heads):
+        g = w.kv_group(h)
+        v = x @ w.W_V[g].T + (0 if w.b_V is None else w.b_V[g])
+        zs.append(a[:, h] @ v)
     z = torch.cat(zs, dim=-1)
     out = z @ w.W_O.T
     if w.b_O is not None:

@@ -54,6 +54,12 @@ def _hook(module: nn.Module, point: str, on_value: Callable[[torch.Tensor], torc
     return module.register_forward_hook(output_hook)
 
 
+def on_site(arch: Architecture, site: Site, on_value: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Register `on_value` at `site`'s hook point until the returned handle is removed; it sees the activation
+    [batch, seq, d] and may return a replacement (or None to keep it)."""
+    return _hook(*arch.hook_point(site), on_value)
+
+
 @contextmanager
 def replace_site(arch: Architecture, site: Site, fn: RowMap, positions: torch.Tensor) -> Iterator[None]:
     """Within the block, every forward of `arch`'s model sees `fn` applied at `site` on `positions` [B, T] bool."""

@@ -1,0 +1,253 @@
+"""Finding heads by function (Lorsa paper Section 5, App. E.1, F.3): path patching against a brute-force re-run of
+the whole model, attribution against finite differences, pattern shares against the attention weights, and the
+generated probes."""
+
+import pytest
+import torch
+from tests.tiny_models import tiny_model
+
+from ranklens.analysis.path_patching import LorsaLayer, row_metric, score_heads
+from ranklens.analysis.probes import TASKS, Probe, ProbeBatch, make_probe
+from ranklens.dictionaries.lorsa import Lorsa, LorsaConfig
+from ranklens.errors import RanklensError
+from ranklens.lm.attention import attention_probs, mhsa_weights
+from ranklens.lm.capture import Capturer
+from ranklens.lm.load import LoadedModel
+from ranklens.lm.sites import Site, describe, per_head_outputs
+from ranklens.lm.splice import replace_site
+
+LAYER = 1
+
+
+def _loaded(name: str = "llama") -> LoadedModel:
+    model = tiny_model(name, dtype=torch.float64)
+    return LoadedModel(model, None, name, torch.float64, describe(model))
+
+
+def _probe(lm: LoadedModel, metric: str = "logit_diff", seed: int = 0) -> Probe:
+    """Two batches of random sequences (lengths 9 and 7) with rows at several positions and random sources."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = lm.model.config.vocab_size
+    batches = []
+    for N, T in ((5, 9), (3, 7)):
+        ids = torch.randint(1, vocab, (N, T), generator=g)
+        rows = torch.tensor([(i, p) for i in range(N) for p in (2, T - 1)])
+        R = rows.shape[0]
+        sources = torch.rand(R, T, generator=g) < 0.3
+        foil = torch.randint(0, vocab, (R,), generator=g) if metric == "logit_diff" else None
+        batches.append(ProbeBatch(ids, rows, torch.randint(0, vocab, (R,), generator=g), foil, sources))
+    return Probe("test", "random", metric, 1, batches)
+
+
+def _model_metric(lm: LoadedModel, probe: Probe, replacements: dict[int, list[torch.Tensor]]) -> torch.Tensor:
+    """Full forward of every batch with `replacements[layer][batch]` as that layer's attention output; the metric
+    at every row, in probe order."""
+    out = []
+    for i, batch in enumerate(probe.batches):
+        everywhere = torch.ones(batch.input_ids.shape, dtype=torch.bool)
+        with torch.no_grad():
+            handles = [replace_site(lm.arch, Site(l, "attn_out"), lambda _, v=vals[i]: v.reshape(-1, v.shape[-1]), everywhere)
+                       for l, vals in replacements.items()]
+            for h in handles:
+                h.__enter__()
+            try:
+                logits = lm.model(input_ids=batch.input_ids).logits
+            finally:
+                for h in reversed(handles):
+                    h.__exit__(None, None, None)
+        b, p = batch.rows[:, 0], batch.rows[:, 1]
+        out.append(row_metric(logits[b, p], batch.target, batch.foil, probe.metric))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _captures(lm: LoadedModel, probe: Probe) -> list[dict[str, torch.Tensor]]:
+    sites = [f"L{l}.attn_out" for l in range(lm.arch.n_layers)] + [f"L{LAYER}.attn_z", f"L{LAYER}.attn_in"]
+    return [Capturer(lm.arch, sites)(b.input_ids) for b in probe.batches]
+
+
+@torch.no_grad()
+def _brute_force_mhsa(lm: LoadedModel, probe: Probe) -> torch.Tensor:
+    """Each head of LAYER mean-ablated at every ordinary position (not position 0) by a full re-run, later attention
+    outputs pinned to their clean values: the mean change of the metric over the rows."""
+    caps = _captures(lm, probe)
+    W_O = lm.arch.output_projection(LAYER)[0]
+    H = lm.arch.n_heads
+    heads = [per_head_outputs(c[f"L{LAYER}.attn_z"], W_O, H) for c in caps]  # [N, T, H, d]
+    mean = torch.cat([h[:, 1:].reshape(-1, H, h.shape[-1]) for h in heads]).mean(0)  # [H, d]
+    pinned = {l: [c[f"L{l}.attn_out"] for c in caps] for l in range(LAYER + 1, lm.arch.n_layers)}
+    clean = _model_metric(lm, probe, pinned)
+    effects = []
+    for h in range(H):
+        ablated_out = []
+        for c, hd in zip(caps, heads, strict=True):
+            delta = hd[:, :, h] - mean[h]
+            delta[:, 0] = 0
+            ablated_out.append(c[f"L{LAYER}.attn_out"] - delta)
+        effects.append(float((clean - _model_metric(lm, probe, {LAYER: ablated_out, **pinned})).mean()))
+    return torch.tensor(effects, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2"])
+def test_path_patching_equals_a_brute_force_rerun(family):
+    lm = _loaded(family)
+    probe = _probe(lm)
+    run = score_heads(lm, probe, [LAYER])
+    assert run.position_wise_error < 1e-10
+    torch.testing.assert_close(run.mhsa[0].path_patching, _brute_force_mhsa(lm, probe), rtol=1e-9, atol=1e-11)
+    assert run.mhsa[0].path_patching.abs().max() > 1e-4  # the heads do something here
+
+
+def test_path_patching_at_layer_zero():
+    lm = _loaded()
+    probe = _probe(lm, "logprob")
+    run = score_heads(lm, probe, [0])
+    assert run.position_wise_error < 1e-10
+
+
+def _lorsa(lm: LoadedModel) -> Lorsa:
+    cfg = LorsaConfig.from_mhsa(mhsa_weights(lm.arch, LAYER), n_heads=16, n_qk_groups=4, k=3, dtype=torch.float64)
+    lorsa = Lorsa(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lorsa.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return lorsa
+
+
+def test_lorsa_path_patching_equals_a_brute_force_rerun():
+    lm = _loaded()
+    probe = _probe(lm)
+    lorsa = _lorsa(lm)
+    run = score_heads(lm, probe, [], [LorsaLayer(lorsa, LAYER)])
+    with torch.no_grad():
+        caps = _captures(lm, probe)
+        pinned = {l: [c[f"L{l}.attn_out"] for c in caps] for l in range(LAYER + 1, lm.arch.n_layers)}
+        clean = _model_metric(lm, probe, pinned)
+        codes = [lorsa(c[f"L{LAYER}.attn_in"]) for c in caps]
+        expected, active = [], []
+        for h in range(lorsa.n_heads):
+            ablated_out = []
+            n_active = 0
+            for c, code, batch in zip(caps, codes, probe.batches, strict=True):
+                value = (code.values * (code.indices == h)).sum(-1)  # [N, T]
+                value[:, 0] = 0
+                ablated_out.append(c[f"L{LAYER}.attn_out"] - value[..., None] * lorsa.W_O[h])
+                n_active += int((value[batch.rows[:, 0], batch.rows[:, 1]] > 0).sum())
+            expected.append(float((clean - _model_metric(lm, probe, {LAYER: ablated_out, **pinned})).mean()))
+            active.append(n_active)
+        scores = run.lorsa[0]
+        torch.testing.assert_close(scores.path_patching, torch.tensor(expected, dtype=torch.float64), rtol=1e-9,
+                                   atol=1e-11)
+        assert scores.active_rows.tolist() == active
+        assert sum(active) > 0 and scores.path_patching.abs().max() > 1e-4
+
+
+@torch.no_grad()
+def _finite_difference(lm: LoadedModel, probe: Probe, deltas: list[torch.Tensor], eps: float = 1e-5) -> float:
+    caps = _captures(lm, probe)
+    base = [c[f"L{LAYER}.attn_out"] for c in caps]
+
+    def mean_metric(sign: float) -> float:
+        return float(_model_metric(lm, probe, {LAYER: [o + sign * eps * d for o, d in zip(base, deltas,
+                                                                                         strict=True)]}).mean())
+
+    return (mean_metric(1) - mean_metric(-1)) / (2 * eps)
+
+
+def test_attribution_equals_finite_differences():
+    lm = _loaded("gpt2")  # float64 throughout (Llama's RMSNorm computes in float32, too coarse for a difference)
+    probe = _probe(lm)
+    lorsa = _lorsa(lm)
+    run = score_heads(lm, probe, [LAYER], [LorsaLayer(lorsa, LAYER)])
+    with torch.no_grad():
+        caps = _captures(lm, probe)
+        H = lm.arch.n_heads
+        heads = [per_head_outputs(c[f"L{LAYER}.attn_z"], lm.arch.output_projection(LAYER)[0], H) for c in caps]
+        mean = torch.cat([h[:, 1:].reshape(-1, H, h.shape[-1]) for h in heads]).mean(0)
+        for h in range(H):
+            deltas = []
+            for hd in heads:
+                d = hd[:, :, h] - mean[h]
+                d[:, 0] = 0
+                deltas.append(d)
+            assert run.mhsa[0].attribution[h] == pytest.approx(_finite_difference(lm, probe, deltas), rel=1e-6, abs=1e-9)
+        codes = [lorsa(c[f"L{LAYER}.attn_in"]) for c in caps]
+        checked = 0
+        for h in run.lorsa[0].attribution.abs().argsort(descending=True)[:4].tolist():
+            deltas = []
+            for code in codes:
+                value = (code.values * (code.indices == h)).sum(-1)
+                value[:, 0] = 0
+                deltas.append(value[..., None] * lorsa.W_O[h])
+            assert run.lorsa[0].attribution[h] == pytest.approx(_finite_difference(lm, probe, deltas), rel=1e-6)
+            checked += 1
+        assert checked == 4
+
+
+def test_pattern_share_is_the_attention_on_the_sources():
+    lm = _loaded()
+    probe = _probe(lm)
+    run = score_heads(lm, probe, [LAYER])
+    w = mhsa_weights(lm.arch, LAYER)
+    shares = []
+    for batch in probe.batches:
+        x = Capturer(lm.arch, [f"L{LAYER}.attn_in"])(batch.input_ids)[f"L{LAYER}.attn_in"]
+        a = attention_probs(w, x)  # [N, H, T, T]
+        for (i, p), src in zip(batch.rows.tolist(), batch.sources, strict=True):
+            shares.append(a[i, :, p][:, src].sum(-1))
+    torch.testing.assert_close(run.mhsa[0].pattern_share, torch.stack(shares).mean(0))
+
+
+def test_probes_are_generated_and_reproducible(smollm2):
+    tok = smollm2.tokenizer
+    for task in TASKS:
+        probe = make_probe(task, tok, 6, seed=1)
+        again = make_probe(task, tok, 6, seed=1)
+        assert probe.n_sequences == 6 and probe.n_rows >= 6
+        for a, b in zip(probe.batches, again.batches, strict=True):
+            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.rows, b.rows)
+            assert torch.equal(a.target, b.target) and torch.equal(a.sources, b.sources)
+            assert bool((a.sources.sum(-1) >= 1).all())
+            for (_, pos), src in zip(a.rows.tolist(), a.sources, strict=True):
+                assert src.nonzero().max() <= pos  # causal: a source is never after the scored position
+    other = make_probe("induction", tok, 6, seed=2)
+    assert not torch.equal(other.batches[0].input_ids, make_probe("induction", tok, 6, seed=1).batches[0].input_ids)
+
+
+def test_probe_contents(smollm2):
+    tok = smollm2.tokenizer
+    ind = make_probe("induction", tok, 3, seed=0).batches[0]
+    ids = ind.input_ids[0].tolist()
+    body = ids[1:]
+    assert body[:16] == body[16:]  # the sequence repeats
+    for (i, p), t, src in zip(ind.rows.tolist(), ind.target.tolist(), ind.sources, strict=True):
+        assert t == ind.input_ids[i, p + 1]  # the next token
+        (s,) = src.nonzero()[:, 0].tolist()
+        assert ind.input_ids[i, s] == t  # the token after the earlier occurrence is the answer
+    succ = make_probe("successor", tok, 4, seed=0).batches[0]
+    for i in range(4):
+        text = tok.decode(succ.input_ids[i])
+        answer = tok.decode([succ.target[i]]).strip()
+        items = [w.strip() for w in text.split(">")[-1].split(",") if w.strip()]
+        for words in (["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],):
+            if items[0] in words:
+                assert words.index(answer) == words.index(items[-1]) + 1
+    ioi = make_probe("copy_suppression", tok, 4, seed=0)
+    for batch in ioi.batches:
+        assert bool((batch.rows[:, 1] == batch.input_ids.shape[1] - 1).all())
+        io = batch.input_ids[batch.rows[:, 0], batch.sources.long().argmax(-1)]
+        assert torch.equal(io, batch.target)  # the source is the indirect object, the answer
+        assert not torch.equal(batch.target, batch.foil)
+    arith = make_probe("arithmetic", tok, 4, seed=0).batches[0]
+    for i in range(4):
+        text = tok.decode(arith.input_ids[i][1:])
+        op1, op2 = (int(s) for s in text.replace("=", "").split("+"))
+        assert str(op1 + op2).startswith(tok.decode([arith.target[i]]).strip())
+
+
+def test_probe_errors(smollm2):
+    with pytest.raises(RanklensError, match="unknown task"):
+        make_probe("nope", smollm2.tokenizer, 4)
+    with pytest.raises(RanklensError, match="at least one"):
+        make_probe("induction", smollm2.tokenizer, 0)
