@@ -251,3 +251,57 @@ def test_probe_errors(smollm2):
         make_probe("nope", smollm2.tokenizer, 4)
     with pytest.raises(RanklensError, match="at least one"):
         make_probe("induction", smollm2.tokenizer, 0)
+
+
+def test_task_names_agree():
+    from ranklens.analysis.config import HEAD_TASKS
+
+    assert HEAD_TASKS == TASKS
+
+
+def test_heads_command_on_a_local_model(tiny_dir, tmp_path, capsys):
+    """`ranklens heads` end to end on a local model directory with a saved Lorsa: every MHSA head of the layers asked
+    is scored, the position-wise forward reproduces the model, the Lorsa's heads are ranked with z patterns."""
+    import json
+
+    from ranklens.cli import main
+    from ranklens.dictionaries.lorsa_io import save_lorsa
+    from ranklens.lm.load import load_model
+
+    lm = load_model(str(tiny_dir / "model"), "float32")
+    lorsa = Lorsa(LorsaConfig.from_mhsa(mhsa_weights(lm.arch, 1), n_heads=32, n_qk_groups=4, k=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lorsa.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_lorsa(lorsa, tmp_path / "lorsa", model=str(tiny_dir / "model"), layer=1)
+    out = tmp_path / "heads"
+    assert main(["heads", "--model", str(tiny_dir / "model"), "--tasks", "induction,successor,attention_sink",
+                 "--layers", "1-2", "--prompts", "4", "--corpus", str(tiny_dir / "corpus"), "--lorsa",
+                 str(tmp_path / "lorsa"), "--threshold", "0", "--share", "0", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "induction" in printed and "Lorsa L1" in printed
+    result = json.loads((out / "heads.json").read_text())
+    assert result["layers"] == [1, 2]
+    for task in ("induction", "successor", "attention_sink"):
+        r = result["tasks"][task]
+        assert r["position_wise_error"] < 1e-4
+        assert 0 <= r["accuracy"] <= 1
+        assert sorted((h["layer"], h["head"]) for h in r["mhsa"]) == [(l, h) for l in (1, 2) for h in range(4)]
+        (lo,) = r["lorsa"]
+        assert lo["layer"] == 1 and lo["heads_active"] > 0
+        for row in lo["top"]:
+            assert row["active_rows"] >= 10
+        for pattern in lo["z_patterns"]:
+            assert len(pattern["pattern"]) == len(pattern["token_ids"])
+    assert result["tasks"]["induction"]["rows"] == 4 * 15
+
+
+def test_heads_command_errors(tmp_path, capsys):
+    from ranklens.cli import main
+
+    assert main(["heads", "--tasks", "induction,telepathy", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown task(s) telepathy" in capsys.readouterr().err
+    assert main(["heads", "--model", "minilm-l6", "--tasks", "induction", "--out", str(tmp_path / "y")]) == 2
+    assert "not a causal LM" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

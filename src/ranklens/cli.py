@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ranklens.analysis.config import LorsaTopConfig, ZPatternConfig
+from ranklens.analysis.config import HeadsConfig, LorsaTopConfig, ZPatternConfig
 from ranklens.autointerp.config import CompareConfig, ExplainConfig, ScoreConfig
 from ranklens.config import Config, flag
 from ranklens.dashboard.config import DashboardConfig, ServeConfig
@@ -223,6 +223,14 @@ def _cmd_lorsa_top(args: argparse.Namespace) -> None:
     print(f"top activations and attribution: {out}")
 
 
+def _cmd_heads(args: argparse.Namespace) -> None:
+    from ranklens.analysis.heads import RESULTS_NAME, find_heads, heads_table
+
+    result = find_heads(_config(args, HeadsConfig), args.out, progress=not args.quiet)
+    print(heads_table(result))
+    print(f"every head's scores: {Path(args.out) / RESULTS_NAME}")
+
+
 def _cmd_dashboard(args: argparse.Namespace) -> None:
     from ranklens.dashboard.build import build_dashboard, compare_dashboards
 
@@ -333,6 +341,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                                "original heads (Lorsa paper Section 4.1, App. F), as JSON", LorsaTopConfig,
              _cmd_lorsa_top, out=False)
     p.add_argument("directory", help=lorsa_dir)
+    _job(sub, "heads", "find attention heads by function: MHSA and Lorsa heads scored by path patching, "
+                       "attribution and pattern share on generated probes (induction, previous token, successor, "
+                       "copy suppression, acronyms, attention sinks, arithmetic; Lorsa paper Section 5)",
+         HeadsConfig, _cmd_heads)
     p = _job(sub, "dashboard", "a browsable site of what an SAE or Lorsa learned (top contexts, interval samples, "
                                "logit effects, neighbours, subspace share; Lorsa z-patterns and head attribution), "
                                "or the comparison of two runs", DashboardConfig, _cmd_dashboard, out=False)

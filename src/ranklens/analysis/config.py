@@ -1,11 +1,13 @@
-"""The configs of `ranklens zpattern` and `ranklens lorsa-top` (no torch here: the command line is built from
-them)."""
+"""The configs of `ranklens zpattern`, `ranklens lorsa-top` and `ranklens heads` (no torch here: the command line is
+built from them)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
 
-from ranklens.config import DEFAULT_CONTEXT_LENGTH, Config
+from pydantic import Field, field_validator
+
+from ranklens.config import DEFAULT_CONTEXT_LENGTH, Config, ModelFields
 from ranklens.eval.config import (
     context_field,
     corpus_field,
@@ -14,6 +16,10 @@ from ranklens.eval.config import (
     model_field,
     seed_field,
 )
+
+# The probe names (ranklens.analysis.probes.TASKS, which imports torch; tests/test_heads.py checks they agree).
+HEAD_TASKS = ("induction", "previous_token", "successor", "copy_suppression", "name_mover", "acronym",
+              "attention_sink", "arithmetic")
 
 
 class ZPatternConfig(Config):
@@ -39,3 +45,36 @@ class LorsaTopConfig(Config):
     output: str | None = Field(None, description="directory for the JSON files (default: DIR/interp)")
     dtype: str = dtype_field()
     device: str = device_field()
+
+
+class HeadsConfig(ModelFields):
+    """`ranklens heads`: score attention heads on generated task probes (Lorsa paper Section 5, App. E.1, F.3)."""
+
+    dtype: str = Field("float32", description="the model's compute dtype (float32 keeps path-patching effects far "
+                                              "above rounding)")
+    tasks: list[str] = Field(list(HEAD_TASKS), description=f"probes to run, from {','.join(HEAD_TASKS)}")
+    layers: str = Field("*", description="MHSA layers whose heads are scored: * (every layer), mid, a range like "
+                                         "3-7, or several joined with commas")
+    lorsa: list[str] = Field([], description="`train lorsa` run directories whose heads are scored too (each at its "
+                                             "own layer)")
+    prompts: int = Field(64, ge=1, description="generated sequences per task")
+    corpus: str = Field("default", description="the corpus of the previous_token and attention_sink probes")
+    seed: int = Field(0, description="seed of every probe")
+    top: int = Field(10, ge=1, description="heads listed per task and model part (every MHSA head is in the JSON)")
+    threshold: float = Field(0.1, ge=0, description="path-patching effect (metric units, in the task's direction) "
+                                                    "a head needs to be called a head of the task")
+    share: float = Field(0.5, ge=0, le=1, description="pattern share on the task's sources a head needs too")
+
+    @field_validator("tasks", "lorsa", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in HEAD_TASKS]
+        if unknown or not value:
+            raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; expected some of "
+                             f"{', '.join(HEAD_TASKS)}")
+        return value

@@ -26,7 +26,7 @@ from ranklens.lm.load import LoadedModel
 from ranklens.lm.sites import per_head_outputs
 from ranklens.progress import progress_bar
 
-__all__ = ["interpret", "z_pattern_record"]
+__all__ = ["interpret", "z_pattern_of_ids", "z_pattern_record"]
 
 
 def _tokens(lm: LoadedModel, ids: list[int]) -> list[str]:
@@ -52,6 +52,12 @@ def z_pattern_record(lorsa: Lorsa, lm: LoadedModel, layer: int, text: str, head:
     if not body:
         raise RanklensError("--text is empty after tokenization; expected some text")
     ids = [*special.prefix, *body][: context_length - len(special.suffix)] + list(special.suffix)
+    return z_pattern_of_ids(lorsa, lm, layer, ids, head)
+
+
+@torch.no_grad()
+def z_pattern_of_ids(lorsa: Lorsa, lm: LoadedModel, layer: int, ids: list[int], head: int) -> dict:
+    """``z_pattern_record`` of a sequence already tokenized and framed."""
     site = f"L{layer}.attn_in"
     x = Capturer(lm.arch, [site])(torch.tensor([ids], device=lm.device))[site].to(lorsa.W_V.dtype)
     pattern = lorsa.z_pattern(x[0], head)  # [T, T]

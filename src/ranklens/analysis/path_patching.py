@@ -77,6 +77,7 @@ class HeadScores:
     attribution: torch.Tensor
     pattern_share: torch.Tensor
     active_rows: torch.Tensor
+    best_row: torch.Tensor | None = None  # Lorsa: the row of each head's largest activation (-1: never active)
 
 
 @dataclass
@@ -353,4 +354,8 @@ def _lorsa_scores(ll: LorsaLayer, sums: _LayerSums, patcher: PathPatcher, clean:
     active = torch.zeros(H, dtype=torch.long).index_add_(0, heads, torch.ones_like(heads))
     share = torch.where(sums.share_count > 0, sums.share_sum / sums.share_count.clamp_min(1),
                         torch.full((H,), float("nan"), dtype=torch.float64))
-    return HeadScores(ll.layer, effect, sums.out_grad.clone(), share, active)
+    top = torch.zeros(H, dtype=torch.float64).scatter_reduce_(0, heads, values, "amax")
+    best = torch.full((H,), -1, dtype=torch.long)
+    at_top = values == top[heads]
+    best[heads[at_top]] = rows[at_top]
+    return HeadScores(ll.layer, effect, sums.out_grad.clone(), share, active, best)

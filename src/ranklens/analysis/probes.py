@@ -91,6 +91,15 @@ class Probe:
     def n_rows(self) -> int:
         return sum(b.rows.shape[0] for b in self.batches)
 
+    def row(self, r: int) -> tuple[list[int], int]:
+        """(the sequence's token ids, the position) of row `r` in the probe's row order (batch after batch)."""
+        for b in self.batches:
+            if r < b.rows.shape[0]:
+                i, pos = b.rows[r].tolist()
+                return b.input_ids[i].tolist(), pos
+            r -= b.rows.shape[0]
+        raise IndexError(f"row {r} past the probe's {self.n_rows} rows")
+
 
 @dataclass
 class _Example:
