@@ -269,16 +269,17 @@ def test_heads_command_on_a_local_model(tiny_dir, tmp_path, capsys):
     from ranklens.lm.load import load_model
 
     lm = load_model(str(tiny_dir / "model"), "float32")
-    lorsa = Lorsa(LorsaConfig.from_mhsa(mhsa_weights(lm.arch, 1), n_heads=32, n_qk_groups=4, k=4))
+    lorsa = Lorsa(LorsaConfig.from_mhsa(mhsa_weights(lm.arch, 1), n_heads=32, n_qk_groups=4, k=16))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in lorsa.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     save_lorsa(lorsa, tmp_path / "lorsa", model=str(tiny_dir / "model"), layer=1)
     out = tmp_path / "heads"
-    assert main(["heads", "--model", str(tiny_dir / "model"), "--tasks", "induction,successor,attention_sink",
-                 "--layers", "1-2", "--prompts", "4", "--corpus", str(tiny_dir / "corpus"), "--lorsa",
-                 str(tmp_path / "lorsa"), "--threshold", "0", "--share", "0", "--out", str(out), "--quiet"]) == 0
+    assert main(["heads", "--model", str(tiny_dir / "model"), "--tasks", "induction,successor,attention_sink,"
+                 "arithmetic", "--layers", "1-2", "--prompts", "24", "--corpus", str(tiny_dir / "corpus"), "--lorsa",
+                 str(tmp_path / "lorsa"), "--threshold", "0", "--share", "0", "--operand-heads", "2",
+                 "--broadcast-sequences", "6", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "induction" in printed and "Lorsa L1" in printed
     result = json.loads((out / "heads.json").read_text())
@@ -294,7 +295,14 @@ def test_heads_command_on_a_local_model(tiny_dir, tmp_path, capsys):
             assert row["active_rows"] >= 10
         for pattern in lo["z_patterns"]:
             assert len(pattern["pattern"]) == len(pattern["token_ids"])
-    assert result["tasks"]["induction"]["rows"] == 4 * 15
+    assert result["tasks"]["induction"]["rows"] == 24 * 15
+    operands = result["tasks"]["arithmetic"]["lorsa"][0]["operands"]
+    assert len(operands["heads"]) == min(2, len(result["tasks"]["arithmetic"]["lorsa"][0]["top"]))
+    assert (out / operands["figure"]).stat().st_size > 1000
+    (broadcast,) = result["broadcast"]
+    assert broadcast["layer"] == 1 and broadcast["sequences"] == 6
+    for head in broadcast["top"]:
+        assert 0 <= head["broadcast"] <= 1 and head["sequences"] >= 5
 
 
 def test_heads_command_errors(tmp_path, capsys):
@@ -305,3 +313,100 @@ def test_heads_command_errors(tmp_path, capsys):
     assert main(["heads", "--model", "minilm-l6", "--tasks", "induction", "--out", str(tmp_path / "y")]) == 2
     assert "not a causal LM" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_operand_heuristics_of_known_grids():
+    from ranklens.analysis.operands import operand_heuristic
+
+    v = torch.arange(100)
+    ranged = ((v >= 27) & (v <= 43)).double()[:, None].expand(100, 100)  # op1 in 27-43, whatever op2
+    h = operand_heuristic(ranged)
+    assert (h["operand"], h["kind"], h["description"]) == ("op1", "range", "op1 in 27-43")
+    assert h["op1_share"] == pytest.approx(1) and h["op2_share"] == pytest.approx(0)
+    digit = torch.isin(v % 10, torch.tensor([4, 5, 6])).double()[None, :].expand(100, 100) * 2.5  # op2 % 10
+    h = operand_heuristic(digit + 0.01 * torch.rand(100, 100, generator=torch.Generator().manual_seed(0)))
+    assert (h["operand"], h["kind"], h["description"]) == ("op2", "last digit", "op2 % 10 in [4, 5, 6]")
+    assert h["op2_share"] > 0.99 and h["r2_units"] > 0.99
+    both = ranged * digit
+    h = operand_heuristic(both)
+    assert h["interaction_share"] > 0.3
+    assert operand_heuristic(torch.zeros(100, 100))["description"] == "constant on the grid"
+
+
+def test_operand_grid_equals_the_head_activation_of_each_prompt(tiny_dir, tmp_path):
+    from ranklens.analysis.lorsa_interp import z_pattern_of_ids
+    from ranklens.analysis.operands import operand_figure, operand_grid
+    from ranklens.analysis.probes import ProbeTokenizer, arithmetic_tokens
+    from ranklens.lm.load import load_model
+
+    lm = load_model(str(tiny_dir / "model"), "float32")
+    lorsa = Lorsa(LorsaConfig.from_mhsa(mhsa_weights(lm.arch, 1), n_heads=32, n_qk_groups=4, k=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lorsa.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    grid = operand_grid(lm, lorsa, 1, [0, 5, 9], n=12)
+    tok = ProbeTokenizer(lm.tokenizer)
+    for op1, op2 in [(0, 0), (3, 11), (11, 7), (10, 10)]:
+        ids = arithmetic_tokens(tok, op1, op2)
+        for i, head in enumerate([0, 5, 9]):
+            expected = z_pattern_of_ids(lorsa, lm, 1, ids, head)["activation"][-1]
+            assert grid[i, op1, op2].item() == pytest.approx(expected, abs=1e-5)
+    assert grid.abs().sum() > 0
+    path = operand_figure(grid.float(), ["a", "b", "c"], tmp_path / "ops.png")
+    assert path.stat().st_size > 1000
+
+
+@torch.no_grad()
+def _naive_broadcast(lorsa: Lorsa, x: torch.Tensor, prefix: int, gap: int, min_queries: int) -> torch.Tensor:
+    out = lorsa(x[None])
+    B = torch.zeros(lorsa.n_heads, dtype=torch.float64)
+    T = x.shape[0]
+    for h in range(lorsa.n_heads):
+        Q = [i for i in range(prefix, T) if bool(((out.indices[0, i] == h) & (out.values[0, i] > 0)).any())]
+        if len(Q) < min_queries:
+            continue
+        c = lorsa.z_pattern(x, h).abs().double()
+        total = sum(float(c[i].sum()) for i in Q)
+        best = max(sum(float(c[i, j]) for i in Q if i - j >= gap) for j in range(prefix, T))
+        B[h] = best / total
+    return B
+
+
+def test_broadcast_score_equals_its_definition():
+    from ranklens.analysis.broadcast import sequence_broadcast
+
+    torch.manual_seed(0)
+    cfg = LorsaConfig(d_model=8, n_heads=12, n_qk_groups=3, d_qk=4, k=5, dtype=torch.float64)
+    lorsa = Lorsa(cfg)
+    with torch.no_grad():
+        for p in lorsa.parameters():
+            p.copy_(torch.randn_like(p))
+    x = torch.randn(15, 8, dtype=torch.float64)
+    B, counted = sequence_broadcast(lorsa, x, prefix=1, gap=3, min_queries=2)
+    torch.testing.assert_close(B, _naive_broadcast(lorsa, x, 1, 3, 2))
+    assert counted.any() and (B > 0).any()
+
+
+def test_a_head_reading_one_keyword_broadcasts():
+    """Group 0 attends to position 5 from everywhere after it (a keyword), group 1 uniformly; all values 1."""
+    from ranklens.analysis.broadcast import sequence_broadcast
+
+    T, d, p, gap = 20, 4, 5, 4
+    cfg = LorsaConfig(d_model=d, n_heads=2, n_qk_groups=2, d_qk=1, k=2, dtype=torch.float64)
+    lorsa = Lorsa(cfg)
+    x = torch.zeros(T, d, dtype=torch.float64)
+    x[:, 1] = 1.0
+    x[p, 0] = 1.0
+    with torch.no_grad():
+        lorsa.b_Q[0, 0] = 60.0  # q = 60, k_j = 60 x_j[0]: position p wins by e^3600 where visible
+        lorsa.W_K[0, 0, 0] = 60.0
+        lorsa.W_V[:, 1] = 1.0  # v_j = 1 for both heads
+        lorsa.W_O[:, 2] = 1.0
+    B, counted = sequence_broadcast(lorsa, x, prefix=1, gap=gap, min_queries=3)
+    assert counted.all()
+    # head 0: queries 1..p-1 attend uniformly to 0..i, queries >= p read p (mass 1 each); p is counted from p + gap on
+    assert B[0].item() == pytest.approx((T - p - gap) / (T - 1), abs=1e-9)
+    uniform = max(sum(1 / (i + 1) for i in range(j + gap, T)) for j in range(1, T)) / (T - 1)
+    assert B[1].item() == pytest.approx(uniform, abs=1e-9)
+    assert B[0] > 2 * B[1]

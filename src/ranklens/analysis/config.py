@@ -64,6 +64,11 @@ class HeadsConfig(ModelFields):
     threshold: float = Field(0.1, ge=0, description="path-patching effect (metric units, in the task's direction) "
                                                     "a head needs to be called a head of the task")
     share: float = Field(0.5, ge=0, le=1, description="pattern share on the task's sources a head needs too")
+    broadcast_sequences: int = Field(64, ge=0, description="corpus windows of 128 tokens on which each Lorsa head's "
+                                                           "broadcast (thematic anchor, Section 5.3) is scored (0: "
+                                                           "none)")
+    operand_heads: int = Field(6, ge=0, description="operand plots (Section 5.2) of this many top arithmetic heads of "
+                                                    "each Lorsa, over the 100 x 100 grid (0: none)")
 
     @field_validator("tasks", "lorsa", mode="before")
     @classmethod

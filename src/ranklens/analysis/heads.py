@@ -14,7 +14,9 @@ as such.
 
 Writes ``heads.json`` into the output directory: per task, the probe, the model's accuracy and mean metric, the check
 that the position-wise path patching reproduces the model (largest metric difference), every MHSA head's scores, the
-top Lorsa heads of each Lorsa with the z pattern of each at its strongest row.
+top Lorsa heads of each Lorsa with the z pattern of each at its strongest row; for the arithmetic task, the operand
+plots of the top Lorsa heads (``ranklens.analysis.operands``, figure ``operands_L{layer}.png``); and, per Lorsa, the
+heads with the highest broadcast score on corpus text (thematic anchors, ``ranklens.analysis.broadcast``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import Any
 
 import torch
 
+from ranklens.analysis.broadcast import GAP, MIN_QUERIES, broadcast_scores
 from ranklens.analysis.config import HeadsConfig
 from ranklens.analysis.lorsa_interp import z_pattern_of_ids
+from ranklens.analysis.operands import operand_figure, operand_grid, operand_heuristic
 from ranklens.analysis.path_patching import HeadScores, LorsaLayer, score_heads
-from ranklens.analysis.probes import Probe, make_probe
+from ranklens.analysis.probes import Probe, corpus_sequences, make_probe
 from ranklens.data.tokenize import SpecialTokens
 from ranklens.dictionaries.lorsa_io import open_lorsa
 from ranklens.errors import RanklensError
@@ -38,6 +42,8 @@ from ranklens.progress import progress_bar
 
 RESULTS_NAME = "heads.json"
 Z_PATTERNS_PER_TASK = 3
+BROADCAST_LENGTH = 128
+MIN_BROADCAST_SEQUENCES = 5  # a head counted on fewer sequences is not ranked by its broadcast
 MIN_ACTIVE_ROWS = 10  # a Lorsa head seen acting on fewer probe rows is not scored (its mean is noise)
 
 
@@ -69,7 +75,7 @@ def _ranked(rows: list[dict[str, Any]], sign: int) -> list[dict[str, Any]]:
 
 
 def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[int],
-                 lorsas: list[tuple[str, LorsaLayer]], prefix: int) -> dict[str, Any]:
+                 lorsas: list[tuple[str, LorsaLayer]], prefix: int, out: Path) -> dict[str, Any]:
     run = score_heads(lm, probe, layers, [ll for _, ll in lorsas], prefix_length=prefix)
     R = probe.n_rows
     mhsa = [row for scores in run.mhsa
@@ -85,12 +91,37 @@ def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[i
         lorsa_out.append({"directory": directory, "layer": ll.layer, "n_heads": ll.lorsa.n_heads,
                           "heads_active": len(active), "top": rows[:cfg.top],
                           "function_heads": [r["head"] for r in rows if r["function"]], "z_patterns": patterns})
+        if probe.task == "arithmetic" and cfg.operand_heads and rows:
+            lorsa_out[-1]["operands"] = _operand_plots(lm, ll, [r["head"] for r in rows[:cfg.operand_heads]], out)
     return {"description": probe.description, "metric": probe.metric, "sign": probe.sign,
             "sequences": probe.n_sequences, "rows": probe.n_rows, "accuracy": run.accuracy,
             "model_metric": run.metric, "position_wise_error": run.position_wise_error,
             "mhsa_top": _ranked(mhsa, probe.sign)[:cfg.top], "mhsa_function_heads": [f"L{r['layer']}.H{r['head']}" for r in mhsa
                                                                         if r["function"]],
             "mhsa": mhsa, "lorsa": lorsa_out}
+
+
+def _operand_plots(lm: LoadedModel, ll: LorsaLayer, heads: list[int], out: Path) -> dict[str, Any]:
+    """Section 5.2: each head's activation over the 100 x 100 operand grid, its heuristic, and the figure."""
+    grids = operand_grid(lm, ll.lorsa, ll.layer, heads)
+    summaries = [{"head": h, **operand_heuristic(grid)} for h, grid in zip(heads, grids, strict=True)]
+    titles = [f"Lorsa L{ll.layer}.{s['head']}: {s['description']}" for s in summaries]
+    figure = operand_figure(grids.float(), titles, out / f"operands_L{ll.layer}.png")
+    return {"figure": figure.name, "heads": summaries}
+
+
+def _broadcast(lm: LoadedModel, directory: str, ll: LorsaLayer, sequences: list[list[int]], prefix: int,
+               top: int) -> dict[str, Any]:
+    """Section 5.3: the heads that read one keyword from many later positions, with the z pattern of the best."""
+    scores = broadcast_scores(lm, ll.lorsa, ll.layer, sequences, prefix)
+    ranked = [h for h in scores.score.nan_to_num(-1).argsort(descending=True).tolist()
+              if scores.sequences[h] >= MIN_BROADCAST_SEQUENCES][:top]
+    heads = [{"head": h, "broadcast": float(scores.score[h]), "sequences": int(scores.sequences[h])} for h in ranked]
+    patterns = [z_pattern_of_ids(ll.lorsa, lm, ll.layer, sequences[int(scores.best[h])], h)
+                for h in ranked[:Z_PATTERNS_PER_TASK]]
+    return {"directory": directory, "layer": ll.layer, "sequences": len(sequences), "length": BROADCAST_LENGTH,
+            "gap": GAP, "min_queries": MIN_QUERIES, "min_sequences": MIN_BROADCAST_SEQUENCES, "top": heads,
+            "z_patterns": patterns}
 
 
 def find_heads(cfg: HeadsConfig, out: str | Path, progress: bool = False) -> dict[str, Any]:
@@ -108,11 +139,16 @@ def find_heads(cfg: HeadsConfig, out: str | Path, progress: bool = False) -> dic
     prefix = len(SpecialTokens.from_tokenizer(lm.tokenizer).prefix)
     result: dict[str, Any] = {"model": cfg.model, "dtype": cfg.dtype, "layers": layers, "prompts": cfg.prompts,
                               "seed": cfg.seed, "threshold": cfg.threshold, "share": cfg.share, "tasks": {}}
-    bar = progress_bar(len(cfg.tasks), "heads", enabled=progress)
+    bar = progress_bar(len(cfg.tasks) + bool(lorsas and cfg.broadcast_sequences), "heads", enabled=progress)
     for task in cfg.tasks:
         probe = make_probe(task, lm.tokenizer, cfg.prompts, cfg.seed, cfg.corpus)
         with torch.no_grad():
-            result["tasks"][task] = _task_result(lm, probe, cfg, layers, lorsas, prefix)
+            result["tasks"][task] = _task_result(lm, probe, cfg, layers, lorsas, prefix, Path(out))
+        bar.update(1)
+    if lorsas and cfg.broadcast_sequences:
+        sequences = corpus_sequences(lm.tokenizer, cfg.corpus, cfg.seed, cfg.broadcast_sequences, BROADCAST_LENGTH)
+        result["broadcast"] = [_broadcast(lm, directory, ll, sequences, prefix, cfg.top)
+                               for directory, ll in lorsas]
         bar.update(1)
     bar.close()
     atomic_write_json(Path(out) / RESULTS_NAME, result)

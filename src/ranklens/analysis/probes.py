@@ -35,7 +35,7 @@ from ranklens.data.corpus import iter_documents
 from ranklens.data.tokenize import SpecialTokens
 from ranklens.errors import RanklensError
 
-__all__ = ["TASKS", "Probe", "ProbeBatch", "make_probe"]
+__all__ = ["TASKS", "Probe", "ProbeBatch", "ProbeTokenizer", "arithmetic_tokens", "corpus_sequences", "make_probe"]
 
 Metric = str  # "logit" | "logit_diff" | "logprob"
 
@@ -128,7 +128,7 @@ def _collate(examples: list[_Example], with_foil: bool) -> list[ProbeBatch]:
     return batches
 
 
-class _Tok:
+class ProbeTokenizer:
     """The tokenizer as the generators use it: pieces of text tokenized separately and concatenated, kept only when
     that equals tokenizing the joined text (so every position is known exactly and is what the model would see)."""
 
@@ -186,7 +186,7 @@ def _sample(make: Callable[[random.Random], _Example | None], n: int, rng: rando
     return examples
 
 
-def _induction(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Example]:
+def _induction(tok: ProbeTokenizer, n: int, rng: random.Random, corpus: str) -> list[_Example]:
     special = set(SpecialTokens.from_tokenizer(tok.tokenizer).excluded) | set(tok.tokenizer.all_special_ids)
     vocab = len(tok.tokenizer)
     P, L = len(tok.prefix), INDUCTION_LENGTH
@@ -215,16 +215,26 @@ def _word_piece_kinds(tokenizer) -> tuple[set[int], set[int]]:
     return starts, conts
 
 
-def _corpus_windows(tok: _Tok, corpus: str, seed: int) -> Iterator[list[int]]:
-    """Windows of CORPUS_WINDOW tokens (the prefix, then a document's first tokens), one per long enough document."""
-    body = CORPUS_WINDOW - len(tok.prefix)
+def _corpus_windows(tok: ProbeTokenizer, corpus: str, seed: int, length: int = CORPUS_WINDOW) -> Iterator[list[int]]:
+    """Windows of `length` tokens (the prefix, then a document's first tokens), one per long enough document."""
+    body = length - len(tok.prefix)
     for doc in iter_documents(corpus, seed):
         ids = doc if isinstance(doc, list) else tok.ids(doc)
         if len(ids) >= body:
             yield tok.prefix + ids[:body]
 
 
-def _corpus_probe(tok: _Tok, n: int, rng: random.Random, corpus: str,
+def corpus_sequences(tokenizer, corpus: str, seed: int, n: int, length: int) -> list[list[int]]:
+    """`n` windows of `length` tokens from the documents of `corpus` (order given by `seed`) long enough to fill one."""
+    out = []
+    for window in _corpus_windows(ProbeTokenizer(tokenizer), corpus, seed, length):
+        out.append(window)
+        if len(out) == n:
+            return out
+    raise RanklensError(f"corpus {corpus!r} has {len(out)} documents of at least {length} tokens; expected {n}")
+
+
+def _corpus_probe(tok: ProbeTokenizer, n: int, rng: random.Random, corpus: str,
                   pick: Callable[[list[int], random.Random], list[tuple[int, int, None, list[int]]]],
                   task: str) -> list[_Example]:
     examples = []
@@ -238,7 +248,7 @@ def _corpus_probe(tok: _Tok, n: int, rng: random.Random, corpus: str,
                         f"expected {n} (use a larger corpus or fewer --prompts)")
 
 
-def _previous_token(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Example]:
+def _previous_token(tok: ProbeTokenizer, n: int, rng: random.Random, corpus: str) -> list[_Example]:
     starts, conts = _word_piece_kinds(tok.tokenizer)
     if not starts:
         raise RanklensError("probe 'previous_token' needs a tokenizer that marks word starts (byte-level BPE 'Ġ' or "
@@ -253,14 +263,14 @@ def _previous_token(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[
     return _corpus_probe(tok, n, rng, corpus, pick, "previous_token")
 
 
-def _attention_sink(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Example]:
+def _attention_sink(tok: ProbeTokenizer, n: int, rng: random.Random, corpus: str) -> list[_Example]:
     def pick(w: list[int], r: random.Random):
         return sorted((p, w[p + 1], None, [0]) for p in r.sample(range(1, len(w) - 1), ROWS_PER_WINDOW))
 
     return _corpus_probe(tok, n, rng, corpus, pick, "attention_sink")
 
 
-def _successor(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Example]:
+def _successor(tok: ProbeTokenizer, n: int, rng: random.Random, corpus: str) -> list[_Example]:
     single = {w: i for words in (DAYS, MONTHS, NUMBER_WORDS, LETTERS) for w, i in tok.single(words).items()}
     usable = [words for words in (DAYS, MONTHS, NUMBER_WORDS, LETTERS) if sum(w in single for w in words) >= 4]
     if not usable:
@@ -283,7 +293,7 @@ def _successor(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Exam
     return _sample(make, n, rng, "successor")
 
 
-def _ioi(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Example]:
+def _ioi(tok: ProbeTokenizer, n: int, rng: random.Random, corpus: str) -> list[_Example]:
     names = tok.single(NAMES)
     _need(names, 2, "names")
     places, objects = list(tok.single(PLACES)), list(tok.single(OBJECTS))
@@ -311,7 +321,7 @@ def _ioi(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Example]:
     return _sample(make, n, rng, "copy_suppression")
 
 
-def _acronym(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Example]:
+def _acronym(tok: ProbeTokenizer, n: int, rng: random.Random, corpus: str) -> list[_Example]:
     starts, _ = _word_piece_kinds(tok.tokenizer)
     vocab = tok.tokenizer.get_vocab()
     words = sorted(p[1:] for p, i in vocab.items() if i in starts and p[1].isupper() and p[2:].islower()
@@ -338,14 +348,23 @@ def _acronym(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Exampl
     return _sample(make, n, rng, "acronym")
 
 
-def _arithmetic(tok: _Tok, n: int, rng: random.Random, corpus: str) -> list[_Example]:
+def _arithmetic(tok: ProbeTokenizer, n: int, rng: random.Random, corpus: str) -> list[_Example]:
     def make(r: random.Random) -> _Example | None:
         return arithmetic_example(tok, r.choice(OPERANDS), r.choice(OPERANDS))
 
     return _sample(make, n, rng, "arithmetic")
 
 
-def arithmetic_example(tok: _Tok, op1: int, op2: int) -> _Example | None:
+def arithmetic_tokens(tok: ProbeTokenizer, op1: int, op2: int) -> list[int]:
+    """The arithmetic probe's prompt for any operands (the operand plots' grid): the prefix, " op1 + op2 =" and any
+    whitespace token that starts the sum, tokenized as one text."""
+    text = f" {op1} + {op2} ="
+    ids = tok.prefix + tok.ids(text)
+    answered = tok.answer(ids, text, f" {op1 + op2}")
+    return ids if answered is None else answered[0]
+
+
+def arithmetic_example(tok: ProbeTokenizer, op1: int, op2: int) -> _Example | None:
     """" op1 + op2 =" and the first token of its sum; sources: every token of both operands."""
     pieces = [f" {op1}", " +", f" {op2}", " ="]
     got = tok.pieces(pieces)
@@ -384,5 +403,5 @@ def make_probe(task: str, tokenizer, n: int, seed: int = 0, corpus: str = "defau
     make, metric, sign, description = _GENERATORS[task]
     # The IOI tasks share their sequences: one seed stream for both.
     rng = random.Random(f"{seed}:{'ioi' if make is _ioi else task}")
-    examples = make(_Tok(tokenizer), n, rng, corpus)
+    examples = make(ProbeTokenizer(tokenizer), n, rng, corpus)
     return Probe(task, description, metric, sign, _collate(examples, with_foil=metric == "logit_diff"))
