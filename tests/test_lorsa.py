@@ -429,3 +429,17 @@ def test_attn_in_is_exactly_what_the_attention_module_reads(name):
     finally:
         handle.remove()
     assert torch.equal(capture(model, "L1.attn_in", ids, mask)["L1.attn_in"], seen["x"])
+
+
+def test_a_qk_dimension_below_the_rotary_one_rotates_like_a_smaller_head():
+    """App. B.1 on a fully rotating model: d_qk = D / r keeps every r-th frequency, the RoPE of a head of d_qk dims."""
+    model = tiny_model("llama")
+    w = mhsa_weights(model, 1)
+    D = w.positions.rotary_dim
+    cfg = LorsaConfig.from_mhsa(w, n_heads=8, n_qk_groups=2, k=2, d_qk=D // 2)
+    theta = model.config.rope_parameters["rope_theta"]
+    expected = theta ** (-torch.arange(0, D // 2, 2, dtype=torch.float64) / (D // 2))
+    torch.testing.assert_close(cfg.positions.inv_freq.double(), expected, rtol=1e-6, atol=0)
+    assert LorsaConfig.from_mhsa(w, n_heads=8, n_qk_groups=2, k=2).positions is w.positions
+    with pytest.raises(RanklensError, match="even divisor"):
+        LorsaConfig.from_mhsa(w, n_heads=8, n_qk_groups=2, k=2, d_qk=3)

@@ -88,9 +88,13 @@ def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[i
         for r in rows[:Z_PATTERNS_PER_TASK]:
             ids, pos = probe.row(int(scores.best_row[r["head"]]))
             patterns.append({**z_pattern_of_ids(ll.lorsa, lm, ll.layer, ids, r["head"]), "row_position": pos})
+        shared = [r for r in rows if r["pattern_share"] is not None and r["pattern_share"] >= cfg.share]
         lorsa_out.append({"directory": directory, "layer": ll.layer, "n_heads": ll.lorsa.n_heads,
                           "heads_active": len(active), "top": rows[:cfg.top],
-                          "function_heads": [r["head"] for r in rows if r["function"]], "z_patterns": patterns})
+                          "function_heads": [r["head"] for r in rows if r["function"]],
+                          "best_with_share": max(shared, key=lambda r: probe.sign * r["path_patching_active"],
+                                                 default=None),
+                          "z_patterns": patterns})
         if probe.task == "arithmetic" and cfg.operand_heads and rows:
             lorsa_out[-1]["operands"] = _operand_plots(lm, ll, [r["head"] for r in rows[:cfg.operand_heads]], out)
     return {"description": probe.description, "metric": probe.metric, "sign": probe.sign,

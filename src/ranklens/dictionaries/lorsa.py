@@ -36,7 +36,7 @@ Parameters keep the head (feature) on dim 0 wherever they are per head, for row-
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -145,15 +145,27 @@ class LorsaConfig:
         cls, w: MHSAWeights, n_heads: int, n_qk_groups: int, k: int, d_qk: int | None = None, **kwargs
     ) -> LorsaConfig:
         """A config mirroring the attention scheme of ``w`` (an ``MHSAWeights``): d_model, d_qk (default d_head),
-        RoPE, causality, scale, sliding window, soft-cap and q/k norms."""
+        RoPE, causality, scale, sliding window, soft-cap and q/k norms.
+
+        A d_qk below the MHSA's rotary dimension (the Lorsa paper's App. B.1 ablation on a model whose heads rotate
+        fully) rotates with every r-th of its frequencies, r = rotary_dim / d_qk: theta^(-2 r i / D) =
+        theta^(-2 i / (D / r)), the RoPE a head of dimension d_qk has with the same base (rescaled frequencies keep
+        their rescaling)."""
         qk_norm = w.q_norm is not None
+        d_qk = w.d_head if d_qk is None else d_qk
+        positions = w.positions
+        if positions is not None and positions.rotary_dim > d_qk:
+            if positions.rotary_dim % d_qk or d_qk % 2:
+                raise RanklensError(f"d_qk {d_qk} is below the MHSA's rotary dimension {positions.rotary_dim} and "
+                                    "does not divide it; expected an even divisor (or at least the rotary dimension)")
+            positions = replace(positions, inv_freq=positions.inv_freq[:: positions.rotary_dim // d_qk])
         base = dict(
             d_model=w.d_model,
             n_heads=n_heads,
             n_qk_groups=n_qk_groups,
-            d_qk=w.d_head if d_qk is None else d_qk,
+            d_qk=d_qk,
             k=k,
-            positions=w.positions,
+            positions=positions,
             causal=w.causal,
             scale=w.scale,
             sliding_window=w.sliding_window,

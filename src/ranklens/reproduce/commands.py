@@ -25,7 +25,7 @@ def cli_command(subcommand: str, cfg: Config, out: str | Path | None = None, *po
     parts = ["ranklens", *subcommand.split(), *positional]
     for name in type(cfg).model_fields:
         value = getattr(cfg, name)
-        if value == getattr(base, name) and name != "preset":
+        if value == getattr(base, name) and name != "preset" and not (name == "paper" and value != "collapse"):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

@@ -40,6 +40,7 @@ class Context:
         self.records: dict[str, dict[str, Any]] = {}  # finished steps, filled in by run_steps
         self._lm: LoadedModel | None = None
         self._store: ActivationStore | None = None
+        self._lorsa_stores: dict[int, ActivationStore] = {}
         self._held_out: OrderedDict[int, HeldOutSet] = OrderedDict()
 
     @property
@@ -55,6 +56,16 @@ class Context:
             self._store = collect(self.plan.collect_config(), self.plan.store_dir, progress=self.progress,
                                   lm=self.lm)
         return self._store
+
+    def lorsa_store(self, context_length: int) -> ActivationStore:
+        """The store Lorsa runs at the middle layer read at `context_length`: the run's store, or its own."""
+        if context_length == self.plan.cfg.context_length:
+            return self.store()
+        if context_length not in self._lorsa_stores:
+            self._lorsa_stores[context_length] = collect(self.plan.collect_config(context_length),
+                                                         self.plan.lorsa_store_dir(context_length),
+                                                         progress=self.progress, lm=self.lm)
+        return self._lorsa_stores[context_length]
 
     def held_out(self, site: str) -> HeldOutSet:
         """The held-out set of the store's sites at `site`'s layer (one forward pass serves all of them)."""

@@ -29,9 +29,12 @@ from ranklens.reproduce.experiments import (
     dashboards,
     dead_subspace,
     dead_vs_rank,
+    heads,
     lorsa,
+    lorsa_scaling,
     low_rank,
     lr_sweep,
+    qk_ablations,
     scaling,
     wo,
 )
@@ -40,7 +43,10 @@ from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
 from ranklens.rundir import open_run_dir
 
-EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa, lr_sweep, budget, dashboards]
+EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa, lr_sweep, budget, dashboards,
+               qk_ablations, lorsa_scaling, heads]
+# Experiments that train nothing from the run's activation store (the heads experiment captures on the fly).
+WITHOUT_STORE = {"heads"}
 # Experiments that read another's record: the W_O analysis and the dead-feature sweep read the spectrum job's.
 NEEDS = {"wo": "low_rank", "dead_vs_rank": "low_rank"}
 
@@ -71,14 +77,16 @@ def steps(plan: Plan) -> list[Step]:
     chosen = selected(plan.cfg)
     first = [m for m in chosen if m in (low_rank, wo)]
     rest = [m for m in chosen if m not in first]
-    return [m.step(plan) for m in first] + ([activations_step(plan)] if rest else []) + [m.step(plan) for m in rest]
+    store = any(m.NAME not in WITHOUT_STORE for m in rest)
+    return [m.step(plan) for m in first] + ([activations_step(plan)] if store else []) + [m.step(plan) for m in rest]
 
 
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True, command: str | None = None,
               ) -> dict[str, Any]:
     """Run (or resume, or reuse) every step in `out`, then write results.json and report.html; returns the
     results."""
-    command = command or cli_command("reproduce", cfg, out, base=ReproduceConfig.load(preset=cfg.preset))
+    command = command or cli_command("reproduce", cfg, out, base=ReproduceConfig.load(preset=cfg.preset,
+                                                                                      paper=cfg.paper))
     with open_run_dir(out, cfg, "reproduce") as run_dir:
         plan = Plan(cfg, run_dir, ModelShape.of(cfg.model))
         records = run_steps(run_dir, steps(plan), Context(plan, progress), progress)

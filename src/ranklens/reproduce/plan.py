@@ -22,6 +22,7 @@ from ranklens.reproduce.presets import ReproduceConfig
 from ranklens.train.config import SAETrainConfig
 
 STORE_DIR = "stores/sae"
+LORSA_STORE_PREFIX = "stores/lorsa-c"
 SAE_DIR = "sae"
 SWEEP_KINDS = ("attn_out", "mlp_out", "resid_post")  # Figure 5: attention output, MLP output, residual stream
 SHUFFLE_BUFFER_TOKENS = 262_144
@@ -116,15 +117,30 @@ class Plan:
             wanted |= set(self.sweep_sites)
         if "controls" in run:
             wanted.add(self.resid_site)
-        if run & {"lorsa", "dashboards"}:
+        if run & {"lorsa", "dashboards", "qk_ablations", "lorsa_scaling"}:
             wanted.add(f"L{self.mid}.attn_in")
         return sorted(wanted, key=lambda s: (int(s[1:].split(".")[0]), s))
 
-    def collect_config(self) -> CollectConfig:
+    def collect_config(self, context_length: int | None = None) -> CollectConfig:
+        """The run's store; at another context length (App. B.1), the middle layer's Lorsa sites only."""
         c = self.cfg
-        return CollectConfig(model=c.model, sites=",".join(self.store_sites), corpus=c.corpus,
-                             tokens=c.store_tokens, context_length=c.context_length, seed=c.seed, dtype=c.dtype,
-                             device=c.device)
+        if context_length in (None, c.context_length):
+            return CollectConfig(model=c.model, sites=",".join(self.store_sites), corpus=c.corpus,
+                                 tokens=c.store_tokens, context_length=c.context_length, seed=c.seed, dtype=c.dtype,
+                                 device=c.device)
+        # As many sequences per forward as the run's store: both then consume the corpus in the same steps, so a
+        # shorter context does not swallow the held-out documents of a small corpus in its first batch.
+        batch = max(context_length, CollectConfig.model_fields["batch_tokens"].default * context_length
+                    // c.context_length)
+        return CollectConfig(model=c.model, sites=f"L{self.mid}.attn_in,L{self.mid}.attn_out", corpus=c.corpus,
+                             tokens=c.store_tokens, context_length=context_length, seed=c.seed, dtype=c.dtype,
+                             device=c.device, batch_tokens=batch)
+
+    def lorsa_store_dir(self, context_length: int) -> Path:
+        """Where Lorsa runs at the middle layer read from: the run's store, or one per other context length."""
+        if context_length == self.cfg.context_length:
+            return self.store_dir
+        return self.out / f"{LORSA_STORE_PREFIX}{context_length}"
 
     def cell(self, method: str, *, site: str | None = None, expansion: int | None = None, k: int | None = None,
              seed: int | None = None, tokens: int | None = None, d_init: int | str | None = None,

@@ -27,16 +27,21 @@ which would leave every Lorsa with an FVU above 1 and hide what the heads learn.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from ranklens.analysis.config import HEAD_TASKS
 from ranklens.config import CorpusFields, ModelFields
 from ranklens.errors import RanklensError
 
 Preset = Literal["quick", "standard", "long", "paper"]
+Paper = Literal["collapse", "lorsa"]
 EXPERIMENT_NAMES = ("low_rank", "wo", "dead_vs_rank", "asi", "controls", "scaling", "dead_subspace", "lorsa", "budget",
                     "dashboards")
+# `--paper lorsa`: the Lorsa paper's experiments (App. B ablations, App. C scaling, Section 5 heads by function).
+LORSA_EXPERIMENT_NAMES = ("qk_ablations", "lorsa_scaling", "heads")
 
 
 class ReproduceConfig(CorpusFields, ModelFields):
@@ -44,8 +49,12 @@ class ReproduceConfig(CorpusFields, ModelFields):
 
     preset: Preset = Field("quick", description="quick, standard, long or paper (see the README); the other flags "
                                                 "override its values")
+    paper: Paper = Field("collapse", description="whose experiments: collapse (dimensional collapse in attention "
+                                                 "outputs) or lorsa (the Lorsa paper: App. B, App. C, Section 5)")
     experiments: list[str] = Field(list(EXPERIMENT_NAMES), description="experiments to run, comma-separated, from "
-                                   f"{','.join(EXPERIMENT_NAMES)} (the steps they need come along)")
+                                   f"{','.join(EXPERIMENT_NAMES)} (--paper collapse) or "
+                                   f"{','.join(LORSA_EXPERIMENT_NAMES)} (--paper lorsa); the steps they need come "
+                                   "along")
     compare_corpora: list[str] = Field(["prose", "code", "zh"], description="Figure 2 right: corpora whose middle "
                                                                              "layer is measured too")
     compare_models: list[str] = Field(["minilm-l6"], description="Figure 2 middle: other models whose middle layer "
@@ -112,13 +121,34 @@ class ReproduceConfig(CorpusFields, ModelFields):
     lr_sweep_tokens: int = Field(1_000_000, gt=0, description="training tokens per run of the learning-rate sweep")
     dashboard_tokens: int = Field(20_000, gt=0, description="held-out tokens each dashboard of the run scans (a TopK "
                                                             "SAE, an ASI SAE and a Lorsa; experiment dashboards)")
+    # --paper lorsa. App. B: Lorsa ablations at the middle layer, with the Lorsa settings above (lorsa_*).
+    ablation_heads_per_d: int = Field(1, ge=1, description="App. B.1: Lorsa heads = this x d at every QK dimension; "
+                                                           "with 4d parameters per head (B.1's budget) a QK group "
+                                                           "binds d_qk heads")
+    qk_dims: list[int] = Field([16, 64], description="App. B.1: QK dimensions (d_head among them; each must divide "
+                                                     "the heads)")
+    qk_contexts: list[int] = Field([128], description="App. B.1: context lengths the QK dimensions are compared at")
+    qk_group_ratios: list[str] = Field(["1/3", "1", "3"], description="App. B.2: QK groups as multiples of the MHSA's "
+                                                                    "heads (each rounded to the nearest divisor of "
+                                                                    "the Lorsa heads)")
+    # App. C: L(N, K) of Lorsa and of a TopK SAE on the same layer's attention output.
+    lorsa_scaling_expansions: list[int] = Field([1, 2, 4], description="App. C: Lorsa heads and SAE features, "
+                                                                       "multiples of d")
+    lorsa_scaling_k: list[int] = Field([8, 16, 32], description="App. C: heads or features active per token")
+    # Section 5: heads by function (`ranklens heads`).
+    heads_layer: int | Literal["auto"] = Field("auto", description="Section 5: the layer of the Lorsa whose heads are "
+                                                                   "scored; auto: the layer of the MHSA head with the "
+                                                                   "largest induction path-patching effect")
+    heads_prompts: int = Field(16, ge=1, description="Section 5: generated sequences per task")
+    heads_tasks: list[str] = Field(list(HEAD_TASKS), description=f"Section 5: probes, from {','.join(HEAD_TASKS)}")
     zpattern_text: str = Field("When Mary and John went to the store, John gave a drink to Mary. The store was "
                                "closed, so they walked home.", description="experiment 8: the text of the z-pattern "
                                                                            "figure")
 
     @field_validator("experiments", "compare_corpora", "compare_models", "d_init_values", "k_values",
                      "scaling_expansions", "curve_tokens", "budget_d_init_values", "budget_verdict_tokens", "lr_sweep",
-                     mode="before")
+                     "qk_dims", "qk_contexts", "qk_group_ratios", "lorsa_scaling_expansions", "lorsa_scaling_k",
+                     "heads_tasks", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         """Lists come from YAML as lists and from the command line as comma-separated strings."""
@@ -126,18 +156,50 @@ class ReproduceConfig(CorpusFields, ModelFields):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("d_init", "sweep_layers", mode="before")
+    @field_validator("d_init", "sweep_layers", "heads_layer", mode="before")
     @classmethod
     def _int_or_word(cls, value: Any) -> Any:
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
+    @field_validator("heads_tasks")
+    @classmethod
+    def _tasks(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in HEAD_TASKS]
+        if unknown or not value:
+            raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none)'}; expected some of {', '.join(HEAD_TASKS)}")
+        return value
+
+    @field_validator("qk_group_ratios")
+    @classmethod
+    def _ratios(cls, value: list[str]) -> list[str]:
+        for ratio in value:
+            try:
+                if Fraction(ratio) <= 0:
+                    raise ValueError
+            except (ValueError, ZeroDivisionError):
+                raise ValueError(f"QK group ratio {ratio!r}: expected a positive number or fraction like 1/3") from None
+        return value
+
+    @model_validator(mode="after")
+    def _experiments_of_the_paper(self) -> ReproduceConfig:
+        names = LORSA_EXPERIMENT_NAMES if self.paper == "lorsa" else EXPERIMENT_NAMES
+        unknown = [e for e in self.experiments if e not in names]
+        if unknown or not self.experiments:
+            raise ValueError(f"--experiments: {', '.join(unknown) or '(none)'} not among the {self.paper} paper's "
+                             f"experiments {', '.join(names)}")
+        return self
+
     @classmethod
     def defaults_for(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """The values of the preset that `values` name (quick when none)."""
+        """The values of the preset that `values` name (quick when none), for the paper they name."""
         preset = values.get("preset", "quick")
         if preset not in PRESETS:
             raise RanklensError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-        return PRESETS[preset]
+        if values.get("paper", "collapse") != "lorsa":
+            return PRESETS[preset]
+        if preset not in LORSA_PRESETS:
+            raise RanklensError(f"--paper lorsa --preset {preset!r}: expected one of {', '.join(LORSA_PRESETS)}")
+        return {**PRESETS[preset], "experiments": list(LORSA_EXPERIMENT_NAMES), **LORSA_PRESETS[preset]}
 
     def seed_list(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
@@ -231,5 +293,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dashboard_tokens": 1_000_000,
         "curve_tokens": [1_000_000, 10_000_000, 100_000_000],
         "budget_d_init_values": [256, 2048],
+    },
+}
+
+# --paper lorsa, layered over PRESETS[preset] (whose lorsa_* values the ablations share).
+LORSA_PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {},
+    "standard": {
+        "seeds": 3,
+        "ablation_heads_per_d": 2,
+        "qk_dims": [16, 32, 64, 128],
+        "qk_contexts": [128, 512],
+        "qk_group_ratios": ["1/3", "1", "4"],
+        "lorsa_scaling_expansions": [1, 2, 4, 8],
+        "lorsa_scaling_k": [16, 32, 64],
+        "heads_prompts": 64,
+    },
+    "paper": {
+        "seeds": 3,
+        "ablation_heads_per_d": 4,  # App. B.1: 4d parameters per head, 4x the MHSA's parameters
+        "qk_dims": [16, 32, 64, 128],
+        "qk_contexts": [256, 1024],  # App. B.1
+        "qk_group_ratios": ["1/4", "1/2", "1", "2", "4", "8"],
+        "lorsa_scaling_expansions": [1, 2, 4, 8, 16],
+        "lorsa_scaling_k": [16, 32, 64, 128],
+        "heads_prompts": 256,
     },
 }

@@ -48,7 +48,7 @@ def git_commit() -> str:
 def scale(cfg: ReproduceConfig, plan_info: dict[str, Any]) -> dict[str, Any]:
     """The tokens and sizes a run used, for the report's first table."""
     d = plan_info["d_model"]
-    base = ReproduceConfig.load(preset=cfg.preset)
+    base = ReproduceConfig.load(preset=cfg.preset, paper=cfg.paper)
     overrides = [f"{k}={v}" for k, v in cfg.model_dump().items() if v != getattr(base, k)]
     ran = set(cfg.experiments)
     rows: dict[str, Any] = {
@@ -63,13 +63,27 @@ def scale(cfg: ReproduceConfig, plan_info: dict[str, Any]) -> dict[str, Any]:
     if ran & {"low_rank", "wo"}:
         rows.update({"spectrum tokens per site": cfg.spectrum_tokens,
                      "comparison tokens per setting": cfg.compare_tokens, "loss-recovered tokens": cfg.loss_tokens})
-    rows.update({
-        "SAE store tokens": cfg.store_tokens,
-        "SAE training tokens": f"{cfg.sae_tokens:,} (scaling: {cfg.scaling_tokens:,}), batch {cfg.batch_size:,}",
-        "SAE size": f"{cfg.expansion}x d = {cfg.expansion * d:,} features, k = {cfg.k}, d_init = {cfg.d_init}",
-        "SAE b_D start (every init)": cfg.b_dec_init,
-        "seeds per cell": cfg.seeds,
-    })
+    rows["activation store tokens"] = cfg.store_tokens
+    if cfg.paper == "collapse":
+        rows.update({
+            "SAE training tokens": f"{cfg.sae_tokens:,} (scaling: {cfg.scaling_tokens:,}), batch {cfg.batch_size:,}",
+            "SAE size": f"{cfg.expansion}x d = {cfg.expansion * d:,} features, k = {cfg.k}, d_init = {cfg.d_init}",
+            "SAE b_D start (every init)": cfg.b_dec_init,
+        })
+    rows["seeds per cell"] = cfg.seeds
+    if ran & {"lorsa", "qk_ablations", "lorsa_scaling", "heads"}:
+        rows["Lorsa"] = (f"{cfg.lorsa_expansion}x d heads, {cfg.lorsa_qk_groups_per_head} QK group(s) per MHSA head, "
+                         f"K = {cfg.lorsa_k}, {cfg.lorsa_tokens:,} tokens in batches of {cfg.lorsa_batch_tokens:,}, "
+                         f"lr {cfg.lorsa_lr:g}, b_O start {cfg.lorsa_output_bias}")
+    if "qk_ablations" in ran:
+        rows["App. B settings"] = (f"QK dimensions {', '.join(map(str, cfg.qk_dims))} with {cfg.ablation_heads_per_d}x "
+                                   f"d heads at contexts {', '.join(map(str, cfg.qk_contexts))}; QK groups "
+                                   f"{', '.join(cfg.qk_group_ratios)} x the MHSA's heads")
+    if "lorsa_scaling" in ran:
+        rows["App. C grid"] = (f"N = {', '.join(f'{e}x' for e in cfg.lorsa_scaling_expansions)} d, K = "
+                               f"{', '.join(map(str, cfg.lorsa_scaling_k))}; TopK SAEs in batches of {cfg.batch_size:,}")
+    if "heads" in ran:
+        rows["Section 5 probes"] = f"{cfg.heads_prompts} generated sequences per task; Lorsa layer {cfg.heads_layer}"
     if "dead_vs_rank" in ran:
         rows["layers of the dead-feature sweep"] = ", ".join(map(str, plan_info["sweep_layers"]))
     if "asi" in ran:
@@ -92,6 +106,10 @@ def training_steps(cfg: ReproduceConfig) -> dict[str, int]:
     Lorsa batch holds whole sequences of at least ``lorsa_batch_tokens`` tokens, so it may take fewer)."""
     return {"sae": cfg.sae_tokens // cfg.batch_size, "scaling": cfg.scaling_tokens // cfg.batch_size,
             "lorsa": cfg.lorsa_tokens // cfg.lorsa_batch_tokens}
+
+
+PAPER_TITLES = {"collapse": "Dimensional Collapse in Transformer Attention Outputs",
+                "lorsa": "Towards Understanding the Nature of Attention with Low-Rank Sparse Decomposition"}
 
 
 def short_run_caveat(cfg: ReproduceConfig) -> str | None:
@@ -139,6 +157,8 @@ def compare_with_reference(cfg: ReproduceConfig, found: dict[str, list[Verdict]]
     reference = read_results(reference_path)
     ref_cfg = reference.get("config", {})
     if any(ref_cfg.get(key) != getattr(cfg, key) for key in ("model", "corpus", "context_length")):
+        return None
+    if ref_cfg.get("paper", "collapse") != cfg.paper:
         return None
     ref = reference_verdicts(reference, experiments)
     shared = [(name, v) for name, vs in found.items() for v in vs if v.id and v.id in ref]
@@ -220,7 +240,8 @@ def _report(out: Path, results: dict[str, Any], experiments: list, records: dict
         rep.caveat(caveat)
     if results.get("reference"):
         _reference_notice(rep, results["reference"], titles)
-    rep.paragraph("The experiments of 'Dimensional Collapse in Transformer Attention Outputs' measured on this model. "
+    paper = PAPER_TITLES[cfg.get("paper", "collapse")]
+    rep.paragraph(f"The experiments of '{paper}' measured on this model. "
                   "Every verdict below is computed from the numbers of this run by the statistic shown beside it "
                   f"(significance level {cfg['alpha']}); results.json holds every number, and each step's commands "
                   "redo it on their own.")

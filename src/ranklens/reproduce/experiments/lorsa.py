@@ -36,6 +36,7 @@ from ranklens.train.lorsa_job import METRICS_NAME, train_lorsa
 from ranklens.train.trainer import remove_checkpoints
 
 NAME = "lorsa"
+LORSA_DIR = "lorsa"
 TITLE = "8. Lorsa: default init against ASI (Figure 9, App. O)"
 INITS = {"default": "default", "asi": "ASI"}
 METRICS = {"train_dead_fraction": "dead-head fraction", "fvu": "FVU", "delta_lm_loss": "Delta LM loss"}
@@ -44,27 +45,62 @@ TOP_HEADS = 4  # heads shown in the z-pattern figure
 
 @dataclass(frozen=True)
 class LorsaCell:
+    """One Lorsa run. The optional settings (the Lorsa paper's ablations and its heads experiment) default to the
+    run's: d_qk the MHSA's d_head, the run's context length, trainable Q/K, the middle layer."""
+
     init: str
     heads: int
     qk_groups: int
     k: int
     tokens: int
     seed: int
+    d_qk: int | None = None
+    context: int | None = None
+    qk_trainable: bool = True
+    layer: int | None = None
 
     @property
     def name(self) -> str:
-        return f"L-{self.init}-h{self.heads}-g{self.qk_groups}-k{self.k}-t{self.tokens}-s{self.seed}"
+        extra = (([f"q{self.d_qk}"] if self.d_qk is not None else []) + ([f"c{self.context}"] if self.context else [])
+                 + ([] if self.qk_trainable else ["fixedqk"]) + ([f"L{self.layer}"] if self.layer is not None else []))
+        return "-".join([f"L-{self.init}-h{self.heads}-g{self.qk_groups}-k{self.k}-t{self.tokens}", *extra,
+                         f"s{self.seed}"])
 
 
 def lorsa_config(plan: Plan, cell: LorsaCell) -> LorsaTrainConfig:
+    """The `train lorsa` config of a cell: from the run's store at the middle layer (a store per context length),
+    captured on the fly at another layer."""
     c = plan.cfg
-    return LorsaTrainConfig(model=c.model, layer=plan.mid, heads=cell.heads, qk_groups=cell.qk_groups, k=cell.k,
-                            init=cell.init, init_tokens=c.init_tokens, corpus=c.corpus, store=str(plan.store_dir),
+    layer = plan.mid if cell.layer is None else cell.layer
+    context = cell.context or c.context_length
+    store = plan.lorsa_store_dir(context) if layer == plan.mid else None
+    return LorsaTrainConfig(model=c.model, layer=layer, heads=cell.heads, qk_groups=cell.qk_groups, k=cell.k,
+                            d_qk=cell.d_qk, init=cell.init, qk_trainable=cell.qk_trainable,
+                            init_tokens=c.init_tokens, corpus=c.corpus, store=None if store is None else str(store),
+                            source="store" if store is not None else "stream",
                             tokens=cell.tokens, batch_tokens=c.lorsa_batch_tokens, lr=c.lorsa_lr,
                             warmup_steps=c.lorsa_warmup_steps, eval_tokens=c.eval_tokens,
-                            lm_eval_tokens=c.lm_eval_tokens, seed=cell.seed, context_length=c.context_length,
+                            lm_eval_tokens=c.lm_eval_tokens, seed=cell.seed, context_length=context,
                             output_bias=c.lorsa_output_bias, dtype=c.dtype, train_dtype=c.train_dtype,
                             device=c.device)
+
+
+def train_cells(ctx, plan: Plan, cells: list[LorsaCell]) -> dict[str, dict[str, Any]]:
+    """Train (or reuse) each cell in DIR/lorsa/<cell>: {name: {"cell", "dir", "metrics"}}. The stores they read are
+    collected first."""
+    out_dir = plan.out / LORSA_DIR
+    runs = {}
+    for i, x in enumerate(cells, 1):
+        cached = (out_dir / x.name / METRICS_NAME).exists()
+        if ctx.progress:
+            print(f"  Lorsa {i}/{len(cells)} {x.name}" + (" (cached)" if cached else ""), file=sys.stderr, flush=True)
+        cfg = lorsa_config(plan, x)
+        if not cached and cfg.store is not None:
+            ctx.lorsa_store(cfg.context_length)
+        metrics = train_lorsa(cfg, out_dir / x.name, progress=ctx.progress, lm=None if cached else ctx.lm)
+        remove_checkpoints(out_dir / x.name)
+        runs[x.name] = {"cell": asdict(x), "dir": f"{LORSA_DIR}/{x.name}", "metrics": metrics}
+    return runs
 
 
 def _top_patterns(lorsa, lm, layer: int, text: str, context_length: int) -> list[dict[str, Any]]:
@@ -98,24 +134,14 @@ def cells(plan: Plan) -> dict[str, list[LorsaCell]]:
 def step(plan: Plan) -> Step:
     c = plan.cfg
     cells_by_init = cells(plan)
-    out_dir = plan.out / "lorsa"
+    out_dir = plan.out / LORSA_DIR
     layout = {"layer": plan.mid, "groups": {init: [x.name for x in cs] for init, cs in cells_by_init.items()},
               "zpattern_text": c.zpattern_text}
     all_cells = [x for cs in cells_by_init.values() for x in cs]
     commands = [cli_command("train lorsa", lorsa_config(plan, x), out_dir / x.name) for x in all_cells]
 
     def run(ctx) -> dict[str, Any]:
-        ctx.store()
-        runs = {}
-        for i, x in enumerate(all_cells, 1):
-            cached = (out_dir / x.name / METRICS_NAME).exists()
-            if ctx.progress:
-                print(f"  Lorsa {i}/{len(all_cells)} {x.name}" + (" (cached)" if cached else ""), file=sys.stderr,
-                      flush=True)
-            metrics = train_lorsa(lorsa_config(plan, x), out_dir / x.name, progress=ctx.progress,
-                                  lm=None if cached else ctx.lm)
-            remove_checkpoints(out_dir / x.name)
-            runs[x.name] = {"cell": asdict(x), "dir": f"lorsa/{x.name}", "metrics": metrics}
+        runs = train_cells(ctx, plan, all_cells)
         first = out_dir / cells_by_init["asi"][0].name
         lorsa, _, _ = open_lorsa(first)
         patterns = _top_patterns(lorsa, ctx.lm, plan.mid, c.zpattern_text, c.context_length)
