@@ -275,11 +275,19 @@ def test_heads_command_on_a_local_model(tiny_dir, tmp_path, capsys):
         for p in lorsa.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     save_lorsa(lorsa, tmp_path / "lorsa", model=str(tiny_dir / "model"), layer=1)
+    from ranklens.dictionaries.sae import SparseAutoencoder
+    from ranklens.dictionaries.saelens import save_saelens
+
+    for name in ("attn_in", "attn_out"):
+        sae = SparseAutoencoder(d_in=lm.arch.d_model, n_features=64, k=4, generator=torch.Generator().manual_seed(5))
+        save_saelens(sae, tmp_path / name, model=str(tiny_dir / "model"), site=f"L1.{name}", context_length=64,
+                     corpus="tiny")
     out = tmp_path / "heads"
     assert main(["heads", "--model", str(tiny_dir / "model"), "--tasks", "induction,successor,attention_sink,"
                  "arithmetic", "--layers", "1-2", "--prompts", "24", "--corpus", str(tiny_dir / "corpus"), "--lorsa",
                  str(tmp_path / "lorsa"), "--threshold", "0", "--share", "0", "--operand-heads", "2",
-                 "--broadcast-sequences", "6", "--out", str(out), "--quiet"]) == 0
+                 "--broadcast-sequences", "6", "--input-sae", str(tmp_path / "attn_in"), "--output-sae",
+                 str(tmp_path / "attn_out"), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "induction" in printed and "Lorsa L1" in printed
     result = json.loads((out / "heads.json").read_text())
@@ -295,6 +303,11 @@ def test_heads_command_on_a_local_model(tiny_dir, tmp_path, capsys):
             assert row["active_rows"] >= 10
         for pattern in lo["z_patterns"]:
             assert len(pattern["pattern"]) == len(pattern["token_ids"])
+        for row in lo["top"][:3]:  # App. G for the heads shown
+            features = row["features"]
+            assert set(features) == {"q", "k", "v", "o"}
+            assert len(features["v"]) == 5 and all(-1 <= f["cos"] <= 1 for f in features["v"] + features["o"])
+            assert all(f["kl"] >= 0 for f in features["q"] + features["k"])
     assert result["tasks"]["induction"]["rows"] == 24 * 15
     operands = result["tasks"]["arithmetic"]["lorsa"][0]["operands"]
     assert len(operands["heads"]) == min(2, len(result["tasks"]["arithmetic"]["lorsa"][0]["top"]))
@@ -410,3 +423,45 @@ def test_a_head_reading_one_keyword_broadcasts():
     uniform = max(sum(1 / (i + 1) for i in range(j + gap, T)) for j in range(1, T)) / (T - 1)
     assert B[1].item() == pytest.approx(uniform, abs=1e-9)
     assert B[0] > 2 * B[1]
+
+
+def _brute_force_kl(lorsa: Lorsa, x: torch.Tensor, head: int, i: int, delta: torch.Tensor, which: str) -> float:
+    """KL between query i's attention before and after removing `delta` [T, d] from the input, recomputing only
+    the query (which = "q") or only the keys ("k") from the ablated input."""
+    g = lorsa.group_of(head)
+    q, k = lorsa.qk_rows(x, g)
+    q2, k2 = lorsa.qk_rows(x - delta, g)
+    base = lorsa.query_probs(k @ q[i], i)
+    new = lorsa.query_probs((k @ q2[i]) if which == "q" else (k2 @ q[i]), i)
+    live = base > 0
+    return float((base[live] * (base[live].log() - new[live].log())).sum())
+
+
+@torch.no_grad()
+def test_qk_impacts_equal_recomputing_from_the_ablated_input():
+    from ranklens.analysis.lorsa_features import ov_alignment, qk_impacts
+    from ranklens.dictionaries.sae import SparseAutoencoder
+
+    lm = _loaded()
+    lorsa = _lorsa(lm)  # RoPE of the tiny Llama, causal, float64
+    sae = SparseAutoencoder(d_in=lm.arch.d_model, n_features=48, k=6, dtype="float64",
+                            generator=torch.Generator().manual_seed(1))
+    x = torch.randn(9, lm.arch.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    head, queries = 5, [3, 8]
+    found = qk_impacts(lorsa, sae, x, head, queries)
+    acts = sae.encode(x).to_dense()
+    assert found["q"] and found["k"]
+    for which in ("q", "k"):
+        for f, kl in found[which].items():
+            delta = acts[:, f, None] * sae.W_D[f]  # the feature's contribution at every position
+            expected = max(_brute_force_kl(lorsa, x, head, i, delta, which) for i in queries
+                           if which == "k" or acts[i, f] != 0)
+            assert kl == pytest.approx(expected, rel=1e-8, abs=1e-12)
+    # only features active at a query can move it; any feature active up to the last query can move a key
+    assert set(found["q"]) == {f for i in queries for f in acts[i].nonzero()[:, 0].tolist()}
+    assert set(found["k"]) == set(acts[: max(queries) + 1].abs().sum(0).nonzero()[:, 0].tolist())
+    aligned = ov_alignment(lorsa, head, sae, sae, top=3)
+    cos_v = torch.nn.functional.cosine_similarity(sae.W_D, lorsa.W_V[head][None], dim=1)
+    assert [a["feature"] for a in aligned["v"]] == cos_v.abs().argsort(descending=True)[:3].tolist()
+    assert aligned["o"][0]["cos"] == pytest.approx(float(torch.nn.functional.cosine_similarity(
+        sae.W_E[aligned["o"][0]["feature"]], lorsa.W_O[head], dim=0)))

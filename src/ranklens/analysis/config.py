@@ -67,6 +67,11 @@ class HeadsConfig(ModelFields):
     broadcast_sequences: int = Field(64, ge=0, description="corpus windows of 128 tokens on which each Lorsa head's "
                                                            "broadcast (thematic anchor, Section 5.3) is scored (0: "
                                                            "none)")
+    input_sae: str | None = Field(None, description="an SAE on the Lorsa's input (attn_in of its layer): features "
+                                                    "moving each top head's Q and K (App. G.1) and aligned with its "
+                                                    "w_v (G.2)")
+    output_sae: str | None = Field(None, description="an SAE on the Lorsa's output (attn_out of its layer): features "
+                                                     "aligned with each top head's w_o (App. G.2)")
     operand_heads: int = Field(6, ge=0, description="operand plots (Section 5.2) of this many top arithmetic heads of "
                                                     "each Lorsa, over the 100 x 100 grid (0: none)")
 

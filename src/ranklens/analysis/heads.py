@@ -15,8 +15,9 @@ as such.
 Writes ``heads.json`` into the output directory: per task, the probe, the model's accuracy and mean metric, the check
 that the position-wise path patching reproduces the model (largest metric difference), every MHSA head's scores, the
 top Lorsa heads of each Lorsa with the z pattern of each at its strongest row; for the arithmetic task, the operand
-plots of the top Lorsa heads (``ranklens.analysis.operands``, figure ``operands_L{layer}.png``); and, per Lorsa, the
-heads with the highest broadcast score on corpus text (thematic anchors, ``ranklens.analysis.broadcast``).
+plots of the top Lorsa heads (``ranklens.analysis.operands``, figure ``operands_L{layer}.png``); per Lorsa, the
+heads with the highest broadcast score on corpus text (thematic anchors, ``ranklens.analysis.broadcast``); and, with
+SAEs on the Lorsa's input and output, each shown head's App. G features (``ranklens.analysis.lorsa_features``).
 """
 
 from __future__ import annotations
@@ -28,20 +29,25 @@ import torch
 
 from ranklens.analysis.broadcast import GAP, MIN_QUERIES, broadcast_scores
 from ranklens.analysis.config import HeadsConfig
+from ranklens.analysis.lorsa_features import ov_alignment, qk_impacts
 from ranklens.analysis.lorsa_interp import z_pattern_of_ids
 from ranklens.analysis.operands import operand_figure, operand_grid, operand_heuristic
 from ranklens.analysis.path_patching import HeadScores, LorsaLayer, score_heads
 from ranklens.analysis.probes import Probe, corpus_sequences, make_probe
 from ranklens.data.tokenize import SpecialTokens
 from ranklens.dictionaries.lorsa_io import open_lorsa
+from ranklens.dictionaries.sae import SparseAutoencoder
 from ranklens.errors import RanklensError
 from ranklens.io import atomic_write_json
+from ranklens.lm.capture import Capturer
 from ranklens.lm.load import LoadedModel, load_model
 from ranklens.lm.sites import parse_sites
 from ranklens.progress import progress_bar
 
 RESULTS_NAME = "heads.json"
 Z_PATTERNS_PER_TASK = 3
+TOP_FEATURES = 5
+FEATURE_ROWS = 16  # a head's strongest activations on a probe over which App. G.1's largest KL is taken
 BROADCAST_LENGTH = 128
 MIN_BROADCAST_SEQUENCES = 5  # a head counted on fewer sequences is not ranked by its broadcast
 MIN_ACTIVE_ROWS = 10  # a Lorsa head seen acting on fewer probe rows is not scored (its mean is noise)
@@ -75,7 +81,8 @@ def _ranked(rows: list[dict[str, Any]], sign: int) -> list[dict[str, Any]]:
 
 
 def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[int],
-                 lorsas: list[tuple[str, LorsaLayer]], prefix: int, out: Path) -> dict[str, Any]:
+                 lorsas: list[tuple[str, LorsaLayer]], prefix: int, out: Path,
+                 saes: tuple[SparseAutoencoder | None, SparseAutoencoder | None] = (None, None)) -> dict[str, Any]:
     run = score_heads(lm, probe, layers, [ll for _, ll in lorsas], prefix_length=prefix)
     R = probe.n_rows
     mhsa = [row for scores in run.mhsa
@@ -88,6 +95,8 @@ def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[i
         for r in rows[:Z_PATTERNS_PER_TASK]:
             ids, pos = probe.row(int(scores.best_row[r["head"]]))
             patterns.append({**z_pattern_of_ids(ll.lorsa, lm, ll.layer, ids, r["head"]), "row_position": pos})
+            if saes != (None, None):
+                r["features"] = _features(lm, ll, r["head"], probe, scores.activations, *saes)
         shared = [r for r in rows if r["pattern_share"] is not None and r["pattern_share"] >= cfg.share]
         lorsa_out.append({"directory": directory, "layer": ll.layer, "n_heads": ll.lorsa.n_heads,
                           "heads_active": len(active), "top": rows[:cfg.top],
@@ -103,6 +112,32 @@ def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[i
             "mhsa_top": _ranked(mhsa, probe.sign)[:cfg.top], "mhsa_function_heads": [f"L{r['layer']}.H{r['head']}" for r in mhsa
                                                                         if r["function"]],
             "mhsa": mhsa, "lorsa": lorsa_out}
+
+
+def _features(lm: LoadedModel, ll: LorsaLayer, head: int, probe: Probe, activations: torch.Tensor,
+              sae_in: SparseAutoencoder | None, sae_out: SparseAutoencoder | None) -> dict[str, Any]:
+    """App. G for one head: the input features moving its Q and K most (largest KL over its FEATURE_ROWS strongest
+    activations on the probe) and the features aligned with its w_v and w_o."""
+    found: dict[str, Any] = ov_alignment(ll.lorsa, head, sae_in, sae_out, top=TOP_FEATURES)
+    if sae_in is None:
+        return found
+    mine = activations[activations[:, 1] == head]
+    mine = mine[mine[:, 2].argsort(descending=True)][:FEATURE_ROWS]
+    by_sequence: dict[tuple[int, ...], list[int]] = {}
+    for r in mine[:, 0].long().tolist():
+        ids, pos = probe.row(r)
+        by_sequence.setdefault(tuple(ids), []).append(pos)
+    site = f"L{ll.layer}.attn_in"
+    best: dict[str, dict[int, float]] = {"q": {}, "k": {}}
+    for ids, queries in by_sequence.items():
+        x = Capturer(lm.arch, [site])(torch.tensor([ids], device=lm.device))[site][0]
+        for which, impacts in qk_impacts(ll.lorsa, sae_in, x, head, queries).items():
+            for f, kl in impacts.items():
+                best[which][f] = max(kl, best[which].get(f, float("-inf")))
+    for which, impacts in best.items():
+        top = sorted(impacts.items(), key=lambda item: -item[1])[:TOP_FEATURES]
+        found[which] = [{"feature": f, "kl": kl} for f, kl in top]
+    return found
 
 
 def _operand_plots(lm: LoadedModel, ll: LorsaLayer, heads: list[int], out: Path) -> dict[str, Any]:
@@ -141,13 +176,21 @@ def find_heads(cfg: HeadsConfig, out: str | Path, progress: bool = False) -> dic
             raise RanklensError(f"Lorsa {directory!r} was trained on {meta.get('model')!r}, not {cfg.model!r}")
         lorsas.append((str(directory), LorsaLayer(lorsa.eval(), int(meta["layer"]))))
     prefix = len(SpecialTokens.from_tokenizer(lm.tokenizer).prefix)
+    saes = tuple(None if path is None else SparseAutoencoder.load(path, cfg.device)
+                 for path in (cfg.input_sae, cfg.output_sae))
+    for sae in saes:
+        if sae is not None and sae.d_in != lm.arch.d_model:
+            raise RanklensError(f"an SAE of width {sae.d_in} cannot read the attention of a model of width "
+                                f"{lm.arch.d_model}")
+    if saes != (None, None) and not lorsas:
+        raise RanklensError("--input-sae and --output-sae describe Lorsa heads; give --lorsa too")
     result: dict[str, Any] = {"model": cfg.model, "dtype": cfg.dtype, "layers": layers, "prompts": cfg.prompts,
                               "seed": cfg.seed, "threshold": cfg.threshold, "share": cfg.share, "tasks": {}}
     bar = progress_bar(len(cfg.tasks) + bool(lorsas and cfg.broadcast_sequences), "heads", enabled=progress)
     for task in cfg.tasks:
         probe = make_probe(task, lm.tokenizer, cfg.prompts, cfg.seed, cfg.corpus)
         with torch.no_grad():
-            result["tasks"][task] = _task_result(lm, probe, cfg, layers, lorsas, prefix, Path(out))
+            result["tasks"][task] = _task_result(lm, probe, cfg, layers, lorsas, prefix, Path(out), saes)
         bar.update(1)
     if lorsas and cfg.broadcast_sequences:
         sequences = corpus_sequences(lm.tokenizer, cfg.corpus, cfg.seed, cfg.broadcast_sequences, BROADCAST_LENGTH)

@@ -78,6 +78,7 @@ class HeadScores:
     pattern_share: torch.Tensor
     active_rows: torch.Tensor
     best_row: torch.Tensor | None = None  # Lorsa: the row of each head's largest activation (-1: never active)
+    activations: torch.Tensor | None = None  # Lorsa: (row, head, value) of every activation at a row, [n, 3]
 
 
 @dataclass
@@ -358,4 +359,4 @@ def _lorsa_scores(ll: LorsaLayer, sums: _LayerSums, patcher: PathPatcher, clean:
     best = torch.full((H,), -1, dtype=torch.long)
     at_top = values == top[heads]
     best[heads[at_top]] = rows[at_top]
-    return HeadScores(ll.layer, effect, sums.out_grad.clone(), share, active, best)
+    return HeadScores(ll.layer, effect, sums.out_grad.clone(), share, active, best, pairs)

@@ -515,6 +515,33 @@ class Lorsa(nn.Module):
             out[sel] = a * v.T
         return out
 
+    def qk_rows(self, x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k [T, d_qk] of QK group `group` on one unpadded sequence x [T, d], normalized and rotated as in the
+        forward (for analyses that perturb them)."""
+        x = self._prep(x[None])
+        q, k = self._qk(x, slice(group, group + 1), self._rope(1, x.shape[1], None, x))
+        return q[0, 0], k[0, 0]
+
+    def rotate(self, u: torch.Tensor, T: int) -> torch.Tensor:
+        """Vectors u [n, d_qk] as the forward rotates a query or key at each position 0..T-1: [n, T, d_qk] (u
+        repeated where there is no RoPE)."""
+        u = self._prep(u)
+        if self.cfg.positions is None:
+            return u[:, None, :].expand(-1, T, -1)
+        spec, cos, sin = self._rope(1, T, None, u)
+        return spec.apply(u[None, None].expand(1, T, -1, -1), cos, sin)[0].transpose(0, 1)
+
+    def query_probs(self, logits: torch.Tensor, query: int) -> torch.Tensor:
+        """Attention weights of query position `query` of an unpadded sequence from raw scores q_query . k_j
+        [..., T] (before the scale): scaled, soft-capped and masked as the forward does."""
+        s = logits * self.cfg.attn_scale
+        if self.cfg.softcap is not None:
+            s = torch.tanh(s / self.cfg.softcap) * self.cfg.softcap
+        allowed = attention_allowed(s.shape[-1], None, self.cfg.causal, self.cfg.sliding_window, s.device)
+        if allowed is not None:
+            s = s.masked_fill(~allowed[0, query], -math.inf)
+        return torch.softmax(s, dim=-1)
+
     @torch.no_grad()
     def normalize_output_(self) -> Lorsa:
         """Footnote 3 of the Lorsa paper: give every w_o unit norm without changing predictions.
