@@ -47,6 +47,7 @@ from ranklens.progress import progress_bar
 RESULTS_NAME = "heads.json"
 Z_PATTERNS_PER_TASK = 3
 TOP_FEATURES = 5
+DASHBOARD_PAGE = "dashboard/index.html"
 FEATURE_ROWS = 16  # a head's strongest activations on a probe over which App. G.1's largest KL is taken
 BROADCAST_LENGTH = 128
 MIN_BROADCAST_SEQUENCES = 5  # a head counted on fewer sequences is not ranked by its broadcast
@@ -97,6 +98,9 @@ def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[i
             patterns.append({**z_pattern_of_ids(ll.lorsa, lm, ll.layer, ids, r["head"]), "row_position": pos})
             if saes != (None, None):
                 r["features"] = _features(lm, ll, r["head"], probe, scores.activations, *saes)
+        site = Path(directory) / DASHBOARD_PAGE
+        for r in rows[:cfg.top]:  # the head's page in the Lorsa's dashboard (`ranklens dashboard DIR`) when built
+            r["dashboard"] = f"{site}#feature={r['head']}" if site.is_file() else None
         shared = [r for r in rows if r["pattern_share"] is not None and r["pattern_share"] >= cfg.share]
         lorsa_out.append({"directory": directory, "layer": ll.layer, "n_heads": ll.lorsa.n_heads,
                           "heads_active": len(active), "top": rows[:cfg.top],
