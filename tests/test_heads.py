@@ -105,14 +105,19 @@ def test_path_patching_at_layer_zero():
     assert run.position_wise_error < 1e-10
 
 
-def _lorsa(lm: LoadedModel) -> Lorsa:
-    cfg = LorsaConfig.from_mhsa(mhsa_weights(lm.arch, LAYER), n_heads=16, n_qk_groups=4, k=3, dtype=torch.float64)
-    lorsa = Lorsa(cfg)
-    g = torch.Generator().manual_seed(3)
+def _random_lorsa(arch, *, k: int, n_heads: int = 32, std: float = 0.3, seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> Lorsa:
+    """A Lorsa at layer LAYER of `arch` with Gaussian weights (4 QK groups)."""
+    lorsa = Lorsa(LorsaConfig.from_mhsa(mhsa_weights(arch, LAYER), n_heads=n_heads, n_qk_groups=4, k=k, dtype=dtype))
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lorsa.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
     return lorsa
+
+
+def _lorsa(lm: LoadedModel) -> Lorsa:
+    return _random_lorsa(lm.arch, k=3, n_heads=16, std=0.5, seed=3, dtype=torch.float64)
 
 
 def test_lorsa_path_patching_equals_a_brute_force_rerun():
@@ -269,11 +274,7 @@ def test_heads_command_on_a_local_model(tiny_dir, tmp_path, capsys):
     from ranklens.lm.load import load_model
 
     lm = load_model(str(tiny_dir / "model"), "float32")
-    lorsa = Lorsa(LorsaConfig.from_mhsa(mhsa_weights(lm.arch, 1), n_heads=32, n_qk_groups=4, k=16))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lorsa.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    lorsa = _random_lorsa(lm.arch, k=16)
     save_lorsa(lorsa, tmp_path / "lorsa", model=str(tiny_dir / "model"), layer=1)
     from ranklens.dictionaries.sae import SparseAutoencoder
     from ranklens.dictionaries.saelens import save_saelens
@@ -353,11 +354,7 @@ def test_operand_grid_equals_the_head_activation_of_each_prompt(tiny_dir, tmp_pa
     from ranklens.lm.load import load_model
 
     lm = load_model(str(tiny_dir / "model"), "float32")
-    lorsa = Lorsa(LorsaConfig.from_mhsa(mhsa_weights(lm.arch, 1), n_heads=32, n_qk_groups=4, k=4))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lorsa.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    lorsa = _random_lorsa(lm.arch, k=4)
     grid = operand_grid(lm, lorsa, 1, [0, 5, 9], n=12)
     tok = ProbeTokenizer(lm.tokenizer)
     for op1, op2 in [(0, 0), (3, 11), (11, 7), (10, 10)]:
