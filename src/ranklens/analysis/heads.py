@@ -190,7 +190,8 @@ def find_heads(cfg: HeadsConfig, out: str | Path, progress: bool = False) -> dic
         raise RanklensError("--input-sae and --output-sae describe Lorsa heads; give --lorsa too")
     result: dict[str, Any] = {"model": cfg.model, "dtype": cfg.dtype, "layers": layers, "prompts": cfg.prompts,
                               "seed": cfg.seed, "threshold": cfg.threshold, "share": cfg.share, "tasks": {}}
-    bar = progress_bar(len(cfg.tasks) + bool(lorsas and cfg.broadcast_sequences), "heads", enabled=progress)
+    bar = progress_bar(len(cfg.tasks) + bool(lorsas and cfg.broadcast_sequences), "heads", unit="task",
+                       enabled=progress)
     for task in cfg.tasks:
         probe = make_probe(task, lm.tokenizer, cfg.prompts, cfg.seed, cfg.corpus)
         with torch.no_grad():

@@ -135,7 +135,7 @@ class _LayerSums:
         self.count = 0
         self.share_sum = torch.zeros(n_heads, dtype=torch.float64)
         self.share_count = torch.zeros(n_heads, dtype=torch.float64)
-        self.rows_out: torch.Tensor | None = None  # [H, R, d] for MHSA
+        self.rows_out: torch.Tensor | None = None  # MHSA: each head's output at the rows, [H, R, d]
         self.lorsa_pairs: list[torch.Tensor] = []  # Lorsa: (row, head, value) triples
         self.n_rows = n_rows
 
@@ -154,8 +154,8 @@ def _mhsa_reduce(sums: _LayerSums, w: MHSAWeights, attn_in: torch.Tensor, attn_z
     sums.count += sel.shape[0]
     b, p = chunk.rows[:, 0], chunk.rows[:, 1]
     if sums.rows_out is None:
-        sums.rows_out = torch.zeros(H, sums.n_rows, w.d_model, dtype=torch.float64)
-    sums.rows_out[:, row_ids] = heads[b, p].double().transpose(0, 1).cpu()
+        sums.rows_out = torch.zeros(H, sums.n_rows, w.d_model, dtype=heads.dtype)  # the model's own precision
+    sums.rows_out[:, row_ids] = heads[b, p].transpose(0, 1).cpu()
     probs = attention_probs(w, attn_in)  # [n, H, T, T]
     share = (probs[b, :, p, :] * chunk.sources[:, None, :].to(probs.dtype)).sum(-1)  # [R_c, H]
     sums.share_sum += share.double().sum(0).cpu()
@@ -336,7 +336,7 @@ def _mhsa_scores(layer: int, sums: _LayerSums, patcher: PathPatcher, clean: torc
     H, R = sums.rows_out.shape[:2]
     mean = sums.out_sum / max(sums.count, 1)  # [H, d]
     attribution = sums.out_grad - mean @ sums.grad_sum
-    delta = sums.rows_out - mean[:, None, :]  # [H, R, d]
+    delta = sums.rows_out.double() - mean[:, None, :]  # [H, R, d]
     rows = torch.arange(R).repeat(H)
     ablated = patcher.metric(rows, (layer_out[None] - delta).reshape(H * R, -1)).reshape(H, R)
     effect = (clean[None] - ablated).mean(1)
