@@ -310,6 +310,9 @@ def test_heads_command_on_a_local_model(tiny_dir, tmp_path, capsys):
             assert len(features["v"]) == 5 and all(-1 <= f["cos"] <= 1 for f in features["v"] + features["o"])
             assert all(f["kl"] >= 0 for f in features["q"] + features["k"])
     assert result["tasks"]["induction"]["rows"] == 24 * 15
+    page = (out / "heads.html").read_text()  # the view: tables, Table 6, z patterns, operand plots, broadcast
+    assert "cf. App. F.3, Table 6" in page and "z pattern of Lorsa head" in page and "Operand plots" in page
+    assert page.count('<img src="data:image/png;base64,') >= 4 and "src=\"http" not in page
     operands = result["tasks"]["arithmetic"]["lorsa"][0]["operands"]
     assert len(operands["heads"]) == min(2, len(result["tasks"]["arithmetic"]["lorsa"][0]["top"]))
     assert (out / operands["figure"]).stat().st_size > 1000

@@ -12,7 +12,7 @@ least ``share`` of its attention (MHSA) or of its z pattern's mass (Lorsa, where
 positions. The model's own top-1 accuracy on each probe is reported next to it, so a task the model cannot do reads
 as such.
 
-Writes ``heads.json`` into the output directory: per task, the probe, the model's accuracy and mean metric, the check
+Writes ``heads.json`` (and its view, ``heads.html``, ``ranklens.analysis.heads_report``) into the output directory: per task, the probe, the model's accuracy and mean metric, the check
 that the position-wise path patching reproduces the model (largest metric difference), every MHSA head's scores, the
 top Lorsa heads of each Lorsa with the z pattern of each at its strongest row; for the arithmetic task, the operand
 plots of the top Lorsa heads (``ranklens.analysis.operands``, figure ``operands_L{layer}.png``); per Lorsa, the
@@ -29,6 +29,7 @@ import torch
 
 from ranklens.analysis.broadcast import GAP, MIN_QUERIES, broadcast_scores
 from ranklens.analysis.config import HeadsConfig
+from ranklens.analysis.heads_report import write_heads_report
 from ranklens.analysis.lorsa_features import ov_alignment, qk_impacts
 from ranklens.analysis.lorsa_interp import z_pattern_of_ids
 from ranklens.analysis.operands import operand_figure, operand_grid, operand_heuristic
@@ -204,6 +205,7 @@ def find_heads(cfg: HeadsConfig, out: str | Path, progress: bool = False) -> dic
         bar.update(1)
     bar.close()
     atomic_write_json(Path(out) / RESULTS_NAME, result)
+    write_heads_report(result, Path(out))
     return result
 
 

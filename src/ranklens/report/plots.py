@@ -1,13 +1,15 @@
-"""What every ranklens figure shares: the site kinds' names, order and colours, and writing a figure to PNG
-atomically (matplotlib's Agg canvas, no pyplot state)."""
+"""What every ranklens figure shares: the site kinds' names, order and colours, writing a figure to PNG atomically
+(matplotlib's Agg canvas, no pyplot state), and the z-pattern heat map the Lorsa analyses and reports draw."""
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ranklens.io import atomic_write_bytes
@@ -58,3 +60,24 @@ def save_figure(fig: Figure, path: PathLike) -> Path:
     fig.savefig(buf, format="png", dpi=DPI)
     fig.clear()
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str], path: Path,
+            title: str | None = None) -> Path:
+    """A z-pattern: rows = heads (or query positions), columns = source tokens."""
+    if not matrix or not matrix[0]:
+        raise ValueError("heatmap: empty matrix")
+    fig = Figure(figsize=(min(14, 1.5 + 0.35 * len(col_labels)), 1.2 + 0.3 * len(row_labels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, aspect="auto", cmap="RdBu_r",
+                      vmin=-max(abs(v) for row in matrix for v in row) or -1,
+                      vmax=max(abs(v) for row in matrix for v in row) or 1)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=90, fontsize=7)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    with warnings.catch_warnings():  # tokens of any script label the columns; a missing glyph draws as a box
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        return save_figure(fig, path)

@@ -173,26 +173,6 @@ def grouped_bars(groups: Mapping[str, Mapping[str, tuple[float, float]]], ylabel
     return save_figure(fig, path)
 
 
-def heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str], path: Path,
-            title: str | None = None) -> Path:
-    """A z-pattern: rows = heads (or query positions), columns = source tokens."""
-    if not matrix or not matrix[0]:
-        raise ValueError("heatmap: empty matrix")
-    fig = Figure(figsize=(min(14, 1.5 + 0.35 * len(col_labels)), 1.2 + 0.3 * len(row_labels)), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(matrix, aspect="auto", cmap="RdBu_r",
-                      vmin=-max(abs(v) for row in matrix for v in row) or -1,
-                      vmax=max(abs(v) for row in matrix for v in row) or 1)
-    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
-    ax.set_xticks(range(len(col_labels)), col_labels, rotation=90, fontsize=7)
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return save_figure(fig, path)
-
-
-
 def _mean_band(runs: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float, float]]:
     """(x, mean, std) at each x every run has (std 0 for one run)."""
     by_x: dict[float, list[float]] = {}

@@ -20,8 +20,8 @@ from typing import Any
 
 from ranklens.analysis.config import HeadsConfig
 from ranklens.analysis.heads import find_heads
+from ranklens.analysis.heads_report import heads_sections
 from ranklens.report.html import Report
-from ranklens.reproduce import figures as rfig
 from ranklens.reproduce.commands import cli_command
 from ranklens.reproduce.experiments.lorsa import LORSA_DIR, LorsaCell, lorsa_config, train_cells
 from ranklens.reproduce.pipeline import Step
@@ -115,30 +115,6 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     h = result["heads"]
     m = result["lorsa_run"]["metrics"]
     rep.paragraph(f"Lorsa at layer {result['layer']} ({result['layer_from']}): {m['n_heads']:,} heads, K = {m['k']}, "
-                  f"{m['tokens']:,} training tokens, held-out FVU {m['fvu']:.3f}. Probes of {h['prompts']} generated "
-                  f"sequences per task; path patching by mean ablation (MHSA) or zero ablation (Lorsa); a head does "
-                  f"a task when its effect where active is at least {h['threshold']} and at least {h['share']:.0%} of "
-                  "its attention or z pattern falls on the task's sources.")
-    rows = []
-    for task, r in h["tasks"].items():
-        mhsa = ", ".join(f"L{x['layer']}.H{x['head']} {x['path_patching']:+.2f} ({x['pattern_share']:.2f})"
-                         for x in r["mhsa_top"][:3])
-        lorsa = ", ".join(f"{x['head']} {x['path_patching_active']:+.2f} x{x['active_rows']} "
-                          f"({'-' if x['pattern_share'] is None else format(x['pattern_share'], '.2f')})"
-                          for lo in r["lorsa"] for x in lo["top"][:3])
-        rows.append([task, f"{r['accuracy']:.2f}", mhsa, lorsa])
-    rep.table(["task", "model accuracy", "top MHSA heads: effect (share)", "top Lorsa heads: effect x rows (share)"],
-              rows, caption="Heads by function (Section 5.1; App. F.3)")
-    for task, r in h["tasks"].items():
-        for lo in r["lorsa"]:
-            patterns = lo["z_patterns"][:1]
-            if not patterns:
-                continue
-            p = patterns[0]
-            q = p["row_position"]
-            tokens = [t.replace("\n", "\\n") for t in p["tokens"]]
-            rep.add_figure(rfig.heatmap, ([p["pattern"][q]], [f"head {p['head']} at {tokens[q]!r}"], tokens),
-                           fig_dir / f"heads_{task}_zpattern.png",
-                           f"{task}: the z pattern of Lorsa head {p['head']} (layer {lo['layer']}), the top head of "
-                           "the task, at its strongest probe position: A_ij v_j of each source j.")
+                  f"{m['tokens']:,} training tokens, held-out FVU {m['fvu']:.3f}.")
+    heads_sections(rep, h, fig_dir.parent / HEADS_DIR, fig_dir)  # the run's figures/ sits beside its heads/
     verdict_blocks(rep, found)

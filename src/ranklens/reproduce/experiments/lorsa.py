@@ -24,6 +24,7 @@ from ranklens.analysis.lorsa_interp import z_pattern_record
 from ranklens.dictionaries.lorsa_io import open_lorsa
 from ranklens.lm.capture import Capturer
 from ranklens.report.html import Report
+from ranklens.report.plots import heatmap
 from ranklens.reproduce import figures as rfig
 from ranklens.reproduce.commands import cli_command
 from ranklens.reproduce.experiments.sae_runs import fmt_mean_std, mean_std, values
@@ -179,7 +180,7 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     z = result["zpattern"]
     if z["heads"]:
         tokens = [t.replace("\n", "\\n") for t in z["heads"][0]["tokens"]]
-        rep.add_figure(rfig.heatmap, ([h["row"] for h in z["heads"]],
+        rep.add_figure(heatmap, ([h["row"] for h in z["heads"]],
                                        [f"head {h['head']} at {h['query_token']!r}" for h in z["heads"]], tokens),
                    fig_dir / "lorsa_zpattern.png",
                    f"z patterns of the {len(z['heads'])} most active heads of {z['run']} on "
