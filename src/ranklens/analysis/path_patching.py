@@ -221,9 +221,19 @@ class PathPatcher:
             out = arch.base_model(input_ids=torch.zeros(n, 1, dtype=torch.long, device=dev),
                                   attention_mask=torch.ones(n, 1, dtype=torch.long, device=dev), **kwargs)
         hidden = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[:, 0]
-        logits = head_logits(self.lm.model, self.head, hidden)
+        target = self.target[rows].to(dev)
         foil = None if self.foil is None else self.foil[rows].to(dev)
-        return row_metric(logits, self.target[rows].to(dev), foil, self.kind).double().cpu()
+        if self.kind == "logprob":  # needs every logit
+            return row_metric(head_logits(self.lm.model, self.head, hidden), target, foil, self.kind).double().cpu()
+        # A logit (difference) needs only the target's and the foil's rows of the unembedding: the same numbers as
+        # the full LM head's columns, at a vocabulary-th of its cost.
+        picked = target[:, None] if foil is None else torch.stack([target, foil], 1)  # [n, m]
+        logits = torch.einsum("nd,nmd->nm", hidden, self.head.weight[picked].to(hidden.dtype))
+        if getattr(self.head, "bias", None) is not None:
+            logits = logits + self.head.bias[picked]
+        logits = head_logits(self.lm.model, torch.nn.Identity(), logits)  # float32 at least, soft-capped
+        metric = logits[:, 0] if foil is None else logits[:, 0] - logits[:, 1]
+        return metric.double().cpu()
 
 
 @dataclass
