@@ -84,8 +84,9 @@ def _ranked(rows: list[dict[str, Any]], sign: int) -> list[dict[str, Any]]:
 
 def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[int],
                  lorsas: list[tuple[str, LorsaLayer]], prefix: int, out: Path,
-                 saes: tuple[SparseAutoencoder | None, SparseAutoencoder | None] = (None, None)) -> dict[str, Any]:
-    run = score_heads(lm, probe, layers, [ll for _, ll in lorsas], prefix_length=prefix)
+                 saes: tuple[SparseAutoencoder | None, SparseAutoencoder | None] = (None, None),
+                 progress: bool = False) -> dict[str, Any]:
+    run = score_heads(lm, probe, layers, [ll for _, ll in lorsas], prefix_length=prefix, progress=progress)
     R = probe.n_rows
     mhsa = [row for scores in run.mhsa
             for row in _head_rows(scores, probe.sign, cfg, list(range(len(scores.path_patching))), R)]
@@ -196,7 +197,7 @@ def find_heads(cfg: HeadsConfig, out: str | Path, progress: bool = False) -> dic
     for task in cfg.tasks:
         probe = make_probe(task, lm.tokenizer, cfg.prompts, cfg.seed, cfg.corpus)
         with torch.no_grad():
-            result["tasks"][task] = _task_result(lm, probe, cfg, layers, lorsas, prefix, Path(out), saes)
+            result["tasks"][task] = _task_result(lm, probe, cfg, layers, lorsas, prefix, Path(out), saes, progress)
         bar.update(1)
     if lorsas and cfg.broadcast_sequences:
         sequences = corpus_sequences(lm.tokenizer, cfg.corpus, cfg.seed, cfg.broadcast_sequences, BROADCAST_LENGTH)

@@ -40,6 +40,7 @@ from ranklens.lm.attention import MHSAWeights, attention_probs, mhsa_weights
 from ranklens.lm.load import LoadedModel
 from ranklens.lm.sites import Site
 from ranklens.lm.splice import on_site, replace_site, skip_prefix
+from ranklens.progress import progress_bar
 
 __all__ = ["HeadScores", "LorsaLayer", "ProbeRun", "row_metric", "score_heads"]
 
@@ -288,9 +289,10 @@ def _chunk_pass(lm: LoadedModel, ids: torch.Tensor, chunk: ProbeBatch, kind: str
 
 
 def score_heads(lm: LoadedModel, probe: Probe, layers: list[int], lorsas: list[LorsaLayer] = (),
-                prefix_length: int = 1) -> ProbeRun:
+                prefix_length: int = 1, progress: bool = False) -> ProbeRun:
     """Path patching, attribution and pattern share of every MHSA head of `layers` and of every head of each Lorsa
-    on `probe`. Positions before `prefix_length` (the bos) are not ordinary: never ablated, not in the means."""
+    on `probe`. Positions before `prefix_length` (the bos) are not ordinary: never ablated, not in the means.
+    ``progress``: a bar over the probe's chunks, then the layers path-patched."""
     arch, dev = lm.arch, lm.device
     R, d = probe.n_rows, arch.d_model
     grad_layers = sorted(set(layers) | {ll.layer for ll in lorsas})
@@ -304,7 +306,10 @@ def score_heads(lm: LoadedModel, probe: Probe, layers: list[int], lorsas: list[L
     foil = torch.cat([b.foil for b in probe.batches]) if probe.batches[0].foil is not None else None
     model_metric = torch.zeros(R, dtype=torch.float64)
     correct = torch.zeros(R, dtype=torch.bool)
-    for ids, chunk, row_ids in _chunks(probe):
+    chunks = list(_chunks(probe))
+    bar = progress_bar(len(chunks) + len(layers) + len(lorsas), probe.task, unit="step", enabled=progress)
+    for ids, chunk, row_ids in chunks:
+        bar.update(1)
         ids, chunk = ids.to(dev), chunk.to(dev)
         cp = _chunk_pass(lm, ids, chunk, probe.metric, R, grad_layers, first)
         b, p = chunk.rows[:, 0], chunk.rows[:, 1]
@@ -335,8 +340,11 @@ def score_heads(lm: LoadedModel, probe: Probe, layers: list[int], lorsas: list[L
 
     for l in layers:
         run.mhsa.append(_mhsa_scores(l, mhsa[l], *patcher_at(l), out_rows[l]))
+        bar.update(1)
     for ll, sums in zip(lorsas, lsums, strict=True):
         run.lorsa.append(_lorsa_scores(ll, sums, *patcher_at(ll.layer), out_rows[ll.layer]))
+        bar.update(1)
+    bar.close()
     run.position_wise_error = max(errors, default=0.0)
     return run
 
