@@ -329,7 +329,9 @@ def test_heads_command_errors(tmp_path, capsys):
     assert "unknown task(s) telepathy" in capsys.readouterr().err
     assert main(["heads", "--model", "minilm-l6", "--tasks", "induction", "--out", str(tmp_path / "y")]) == 2
     assert "not a causal LM" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert main(["heads", "--input-sae", str(tmp_path), "--tasks", "induction", "--out", str(tmp_path / "z")]) == 2
+    assert "exactly one --lorsa" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "xyz")
 
 
 def test_operand_heuristics_of_known_grids():
@@ -344,6 +346,8 @@ def test_operand_heuristics_of_known_grids():
     h = operand_heuristic(digit + 0.01 * torch.rand(100, 100, generator=torch.Generator().manual_seed(0)))
     assert (h["operand"], h["kind"], h["description"]) == ("op2", "last digit", "op2 % 10 in [4, 5, 6]")
     assert h["op2_share"] > 0.99 and h["r2_units"] > 0.99
+    two = (((v >= 30) & (v <= 39)) | ((v >= 70) & (v <= 79))).double()[None, :].expand(100, 100)
+    assert operand_heuristic(two)["description"] == "op2 in 30-39, 70-79"  # every band, in order
     both = ranged * digit
     h = operand_heuristic(both)
     assert h["interaction_share"] > 0.3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ranklens.config import DEFAULT_CONTEXT_LENGTH, Config, ModelFields
 from ranklens.eval.config import (
@@ -67,13 +67,20 @@ class HeadsConfig(ModelFields):
     broadcast_sequences: int = Field(64, ge=0, description="corpus windows of 128 tokens on which each Lorsa head's "
                                                            "broadcast (thematic anchor, Section 5.3) is scored (0: "
                                                            "none)")
-    input_sae: str | None = Field(None, description="an SAE on the Lorsa's input (attn_in of its layer): features "
-                                                    "moving each top head's Q and K (App. G.1) and aligned with its "
-                                                    "w_v (G.2)")
-    output_sae: str | None = Field(None, description="an SAE on the Lorsa's output (attn_out of its layer): features "
-                                                     "aligned with each top head's w_o (App. G.2)")
+    input_sae: str | None = Field(None, description="with one --lorsa, an SAE on its input (attn_in of its layer): "
+                                                    "features moving each top head's Q and K (App. G.1) and aligned "
+                                                    "with its w_v (G.2)")
+    output_sae: str | None = Field(None, description="with one --lorsa, an SAE on its output (attn_out of its layer): "
+                                                     "features aligned with each top head's w_o (App. G.2)")
     operand_heads: int = Field(6, ge=0, description="operand plots (Section 5.2) of this many top arithmetic heads of "
                                                     "each Lorsa, over the 100 x 100 grid (0: none)")
+
+    @model_validator(mode="after")
+    def _saes_need_one_lorsa(self) -> HeadsConfig:
+        if (self.input_sae or self.output_sae) and len(self.lorsa) != 1:
+            raise ValueError("--input-sae and --output-sae read the input and output of one Lorsa's layer; give "
+                             f"exactly one --lorsa (got {len(self.lorsa)})")
+        return self
 
     @field_validator("tasks", "lorsa", mode="before")
     @classmethod

@@ -188,8 +188,6 @@ def find_heads(cfg: HeadsConfig, out: str | Path, progress: bool = False) -> dic
         if sae is not None and sae.d_in != lm.arch.d_model:
             raise RanklensError(f"an SAE of width {sae.d_in} cannot read the attention of a model of width "
                                 f"{lm.arch.d_model}")
-    if saes != (None, None) and not lorsas:
-        raise RanklensError("--input-sae and --output-sae describe Lorsa heads; give --lorsa too")
     result: dict[str, Any] = {"model": cfg.model, "dtype": cfg.dtype, "layers": layers, "prompts": cfg.prompts,
                               "seed": cfg.seed, "threshold": cfg.threshold, "share": cfg.share, "tasks": {}}
     bar = progress_bar(len(cfg.tasks) + bool(lorsas and cfg.broadcast_sequences), "heads", unit="task",

@@ -6,7 +6,7 @@ position the arithmetic probe scores: the last prompt token, whose next token st
 is a two-way analysis of variance of the grid: the share of its variance that op1 alone, op2 alone and their
 interaction explain; then, for the operand that explains more, whether its tens (a range of values, like the paper's
 "op1 in 27-43") or its last digit (like "op1 % 10 in [4, 5, 6]") explain more of the head's mean activation against
-that operand, and the values or digits where that mean is above half its range.
+that operand, and the values (the longest runs, at most three) or digits where that mean is above half its range.
 """
 
 from __future__ import annotations
@@ -60,18 +60,18 @@ def operand_grid(lm: LoadedModel, lorsa: Lorsa, layer: int, heads: Sequence[int]
     return grid
 
 
-def _range_text(values: torch.Tensor, mask: torch.Tensor) -> str:
-    """The longest run of consecutive operand values where `mask` holds, as 'a-b'."""
-    best, start = (0, 0, -1), None
+def _range_text(values: torch.Tensor, mask: torch.Tensor, most: int = 3) -> str:
+    """The runs of consecutive operand values where `mask` holds, longest first (at most `most`), as 'a-b, c-d'."""
+    runs, start = [], None
     for v in range(len(mask) + 1):
         on = v < len(mask) and bool(mask[v])
         if on and start is None:
             start = v
         if not on and start is not None:
-            if v - start > best[0]:
-                best = (v - start, start, v - 1)
+            runs.append((start, v - 1))
             start = None
-    return f"{int(values[best[1]])}-{int(values[best[2]])}"
+    runs = sorted(sorted(runs, key=lambda r: r[0] - r[1])[:most])
+    return ", ".join(f"{int(values[a])}-{int(values[b])}" if a != b else f"{int(values[a])}" for a, b in runs)
 
 
 def _r2(m: torch.Tensor, groups: torch.Tensor) -> float:
