@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from ranklens.cli import main
+from ranklens.reproduce.experiments.heads import strongest_layer
 from ranklens.reproduce.experiments.qk_ablations import nearest_divisor
 from ranklens.reproduce.presets import ReproduceConfig
 
@@ -56,7 +57,11 @@ def test_lorsa_paper_pipeline(micro, tmp_path, capsys):
     fits = results["steps"]["lorsa_scaling"]["result"]["fits"]
     assert set(fits["lorsa"]["params"]) == {"alpha", "beta_k", "beta_n", "gamma", "zeta", "eta"}
     heads = results["steps"]["heads"]["result"]
-    assert heads["layer"] == heads["scan_top"][0]["layer"]
+    scan = json.loads((out / "heads" / "scan" / "heads.json").read_text())
+    assert set(heads["layers"]) == {"induction", "attention_sink"} == set(scan["tasks"])
+    assert {task: strongest_layer(r, scan["share"]) for task, r in scan["tasks"].items()} == heads["layers"]
+    assert [r["layer"] for r in heads["lorsa_runs"]] == sorted(set(heads["layers"].values()))
+    assert [lo["layer"] for lo in heads["heads"]["tasks"]["induction"]["lorsa"]] == sorted(set(heads["layers"].values()))
     assert (out / "heads" / "heads.json").exists() and (out / "heads" / "scan" / "heads.json").exists()
     assert any(c.startswith("ranklens heads ") for c in results["steps"]["heads"]["commands"])
     assert "ranklens reproduce" in printed or "report:" in printed
@@ -69,6 +74,15 @@ def test_lorsa_paper_pipeline(micro, tmp_path, capsys):
 def test_nearest_divisor():
     assert nearest_divisor(576, 3) == 3 and nearest_divisor(576, 4.5) == 4 and nearest_divisor(576, 36) == 36
     assert nearest_divisor(32, 1 / 3 * 4) == 1
+
+
+def test_strongest_layer():
+    def row(layer, effect, share, active=10):
+        return {"layer": layer, "path_patching_active": effect, "pattern_share": share, "active_rows": active}
+    task = {"sign": 1, "mhsa": [row(0, 5.0, 0.2), row(1, 0.3, 0.6), row(2, 0.2, 0.9), row(3, 9.0, None, 0)]}
+    assert strongest_layer(task, 0.5) == 1  # the share first; a head never active does not count
+    assert strongest_layer(task, 0.95) == 0  # none has the share: the strongest of all
+    assert strongest_layer({**task, "sign": -1}, 0.5) == 2  # the task's direction
 
 
 def test_lorsa_paper_config_errors():

@@ -137,8 +137,9 @@ class ReproduceConfig(CorpusFields, ModelFields):
     lorsa_scaling_k: list[int] = Field([8, 16, 32], description="App. C: heads or features active per token")
     # Section 5: heads by function (`ranklens heads`).
     heads_layer: int | Literal["auto"] = Field("auto", description="Section 5: the layer of the Lorsa whose heads are "
-                                                                   "scored; auto: the layer of the MHSA head with the "
-                                                                   "largest induction path-patching effect")
+                                                                   "scored; auto: one Lorsa at the layer of each "
+                                                                   "Lorsa task's strongest MHSA head (induction, "
+                                                                   "previous token, attention sink)")
     heads_prompts: int = Field(16, ge=1, description="Section 5: generated sequences per task")
     heads_tasks: list[str] = Field(list(HEAD_TASKS), description=f"Section 5: probes, from {','.join(HEAD_TASKS)}")
     zpattern_text: str = Field("When Mary and John went to the store, John gave a drink to Mary. The store was "

@@ -83,7 +83,8 @@ def scale(cfg: ReproduceConfig, plan_info: dict[str, Any]) -> dict[str, Any]:
         rows["App. C grid"] = (f"N = {', '.join(f'{e}x' for e in cfg.lorsa_scaling_expansions)} d, K = "
                                f"{', '.join(map(str, cfg.lorsa_scaling_k))}; TopK SAEs in batches of {cfg.batch_size:,}")
     if "heads" in ran:
-        rows["Section 5 probes"] = f"{cfg.heads_prompts} generated sequences per task; Lorsa layer {cfg.heads_layer}"
+        rows["Section 5 probes"] = f"{cfg.heads_prompts} generated sequences per task; Lorsa layers: " + (
+            "each task's strongest MHSA head" if cfg.heads_layer == "auto" else str(cfg.heads_layer))
     if "dead_vs_rank" in ran:
         rows["layers of the dead-feature sweep"] = ", ".join(map(str, plan_info["sweep_layers"]))
     if "asi" in ran:

@@ -1,10 +1,13 @@
 """Lorsa paper Section 5 (App. E, F.3): attention heads by function, with `ranklens heads`
 (``ranklens.analysis.heads``).
 
-First every MHSA head of every layer is scored on the induction probe (App. F.3's table); the Lorsa layer goes where
-the strongest induction head is (``--heads-layer auto``) or where asked. A Lorsa (ASI init, the run's Lorsa settings,
-captured on the fly) is trained there, and every task's probe scores the MHSA heads of every layer and the Lorsa's
-heads: path patching, attribution, pattern share, the model's accuracy, operand plots and broadcast scores.
+First every MHSA head of every layer is scored on the probes of the Lorsa tasks (induction, previous token,
+attention sinks; App. F.3's table is the induction one). The paper trains a Lorsa on every layer; here one Lorsa
+(ASI init, the run's Lorsa settings, captured on the fly) goes to the layer of each task's strongest MHSA head (the
+largest path-patching effect among heads with the share threshold of their attention on the task's sources, else
+among all), or every task's to ``--heads-layer``; tasks that land on one layer share its Lorsa. Then every task's
+probe scores the MHSA heads of every layer and every Lorsa's heads: path patching, attribution, pattern share, the
+model's accuracy, operand plots and broadcast scores.
 
 Verdicts (existence claims, each a comparison of the best measured head with the fixed thresholds of `ranklens
 heads`): the MHSA has an induction head (F.3; SmolLM2 is known to learn them); and for induction, previous token and
@@ -47,28 +50,44 @@ def _cell(plan: Plan, layer: int) -> LorsaCell:
                      c.lorsa_tokens, c.seed_list()[0], layer=layer)
 
 
+def _scan_tasks(plan: Plan) -> list[str]:
+    """The tasks whose strongest MHSA head places a Lorsa (induction always: it also gives the F.3 table)."""
+    return ["induction"] + [t for t in LORSA_TASKS[1:] if t in plan.cfg.heads_tasks]
+
+
+def strongest_layer(task_result: dict[str, Any], share: float) -> int:
+    """The layer of the MHSA head with the largest path-patching effect where active (in the task's direction) among
+    those with at least `share` of their attention on the task's sources; among all ranked heads when none has."""
+    sign = task_result["sign"]
+    ranked = [r for r in task_result["mhsa"] if r["active_rows"] > 0]
+    qualified = [r for r in ranked if r["pattern_share"] is not None and r["pattern_share"] >= share]
+    best = max(qualified or ranked, key=lambda r: sign * r["path_patching_active"])
+    return int(best["layer"])
+
+
 def step(plan: Plan) -> Step:
     c = plan.cfg
-    scan_cfg = _heads_config(plan, tasks=["induction"], layers="*", broadcast_sequences=0, operand_heads=0)
+    scan_cfg = _heads_config(plan, tasks=_scan_tasks(plan), layers="*", broadcast_sequences=0, operand_heads=0)
     config = {"scan": scan_cfg.model_dump(mode="json"), "heads_layer": c.heads_layer,
               "lorsa": lorsa_config(plan, _cell(plan, 0)).model_dump(mode="json", exclude={"layer"})}
 
     def run(ctx) -> dict[str, Any]:
         out = plan.out / HEADS_DIR
         scan = find_heads(scan_cfg, out / "scan", progress=ctx.progress)
-        best = scan["tasks"]["induction"]["mhsa_top"][0]
-        layer = best["layer"] if c.heads_layer == "auto" else int(c.heads_layer)
-        cell = _cell(plan, layer)
-        runs = train_cells(ctx, plan, [cell])
-        full_cfg = _heads_config(plan, lorsa=[str(plan.out / LORSA_DIR / cell.name)])
+        layers = {task: strongest_layer(r, scan["share"]) if c.heads_layer == "auto" else int(c.heads_layer)
+                  for task, r in scan["tasks"].items()}
+        cells = [_cell(plan, layer) for layer in sorted(set(layers.values()))]
+        runs = train_cells(ctx, plan, cells)
+        full_cfg = _heads_config(plan, lorsa=[str(plan.out / LORSA_DIR / x.name) for x in cells])
         full = find_heads(full_cfg, out, progress=ctx.progress)
-        commands = [cli_command("heads", scan_cfg, out / "scan"),
-                    cli_command("train lorsa", lorsa_config(plan, cell), plan.out / LORSA_DIR / cell.name),
-                    cli_command("heads", full_cfg, out)]
-        return {"layer": layer, "layer_from": "the strongest MHSA induction head" if c.heads_layer == "auto"
-                else "--heads-layer", "scan_top": scan["tasks"]["induction"]["mhsa_top"],
-                "lorsa_run": {"cell": asdict(cell), "dir": f"{LORSA_DIR}/{cell.name}",
-                              "metrics": runs[cell.name]["metrics"]},
+        commands = [cli_command("heads", scan_cfg, out / "scan")]
+        commands += [cli_command("train lorsa", lorsa_config(plan, x), plan.out / LORSA_DIR / x.name) for x in cells]
+        commands.append(cli_command("heads", full_cfg, out))
+        return {"layers": layers, "layer_from": "each task's strongest MHSA head" if c.heads_layer == "auto"
+                else "--heads-layer", "scan_top": {task: r["mhsa_top"] for task, r in scan["tasks"].items()},
+                "lorsa_runs": [{"layer": x.layer, "tasks": [t for t, layer in layers.items() if layer == x.layer],
+                                "cell": asdict(x), "dir": f"{LORSA_DIR}/{x.name}", "metrics": runs[x.name]["metrics"]}
+                               for x in cells],
                 "heads": full, "commands": commands}
 
     return Step(NAME, TITLE, run, config)
@@ -93,7 +112,7 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     found = []
     induction = h["tasks"].get("induction")
     if induction is not None:
-        qualified = [r for r in induction["mhsa"] if r["pattern_share"] >= share]
+        qualified = [r for r in induction["mhsa"] if r["pattern_share"] is not None and r["pattern_share"] >= share]
         best = max(qualified, key=lambda r: r["path_patching"], default=None)
         found.append(_existence(
             f"An MHSA head does induction: path-patching effect of at least {threshold} logits with at least "
@@ -101,20 +120,22 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
             threshold, share, "MHSA head"))
     for task in LORSA_TASKS:
         if task in h["tasks"]:
-            for lo in h["tasks"][task]["lorsa"]:
-                found.append(_existence(
-                    f"A Lorsa head does {task.replace('_', ' ')}: effect where active of at least {threshold} with "
-                    f"at least {share:.0%} of its z pattern on the task's sources (Section 5.1)",
-                    f"heads.lorsa.{task}", lo["best_with_share"], h["tasks"][task]["sign"], threshold, share,
-                    "Lorsa head"))
+            sign = h["tasks"][task]["sign"]
+            candidates = [lo["best_with_share"] for lo in h["tasks"][task]["lorsa"] if lo["best_with_share"]]
+            best = max(candidates, key=lambda r: sign * r["path_patching_active"], default=None)
+            found.append(_existence(
+                f"A Lorsa head does {task.replace('_', ' ')}: effect where active of at least {threshold} with "
+                f"at least {share:.0%} of its z pattern on the task's sources (Section 5.1)",
+                f"heads.lorsa.{task}", best, sign, threshold, share, "Lorsa head"))
     return found
 
 
 def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: Path) -> None:
     result = record["result"]
-    h = result["heads"]
-    m = result["lorsa_run"]["metrics"]
-    rep.paragraph(f"Lorsa at layer {result['layer']} ({result['layer_from']}): {m['n_heads']:,} heads, K = {m['k']}, "
-                  f"{m['tokens']:,} training tokens, held-out FVU {m['fvu']:.3f}.")
-    heads_sections(rep, h, fig_dir.parent / HEADS_DIR, fig_dir)  # the run's figures/ sits beside its heads/
+    for run in result["lorsa_runs"]:
+        m = run["metrics"]
+        rep.paragraph(f"Lorsa at layer {run['layer']} (for {', '.join(t.replace('_', ' ') for t in run['tasks'])}: "
+                      f"{result['layer_from']}): {m['n_heads']:,} heads, K = {m['k']}, {m['tokens']:,} training "
+                      f"tokens, held-out FVU {m['fvu']:.3f}.")
+    heads_sections(rep, result["heads"], fig_dir.parent / HEADS_DIR, fig_dir)  # figures/ sits beside heads/
     verdict_blocks(rep, found)
