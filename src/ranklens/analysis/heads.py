@@ -82,6 +82,13 @@ def _ranked(rows: list[dict[str, Any]], sign: int) -> list[dict[str, Any]]:
     return sorted(kept, key=lambda r: -sign * r["path_patching_active"])
 
 
+def best_with_share(rows: list[dict[str, Any]], sign: int, share: float) -> dict[str, Any] | None:
+    """Among the heads with at least `share` of their pattern on the task's sources, the one with the largest effect
+    where active in the task's direction; None when no head has the share."""
+    shared = [r for r in rows if r["pattern_share"] is not None and r["pattern_share"] >= share]
+    return max(shared, key=lambda r: sign * r["path_patching_active"], default=None)
+
+
 def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[int],
                  lorsas: list[tuple[str, LorsaLayer]], prefix: int, out: Path,
                  saes: tuple[SparseAutoencoder | None, SparseAutoencoder | None] = (None, None),
@@ -103,12 +110,10 @@ def _task_result(lm: LoadedModel, probe: Probe, cfg: HeadsConfig, layers: list[i
         site = Path(directory) / DASHBOARD_PAGE
         for r in rows[:cfg.top]:  # the head's page in the Lorsa's dashboard (`ranklens dashboard DIR`) when built
             r["dashboard"] = f"{site}#feature={r['head']}" if site.is_file() else None
-        shared = [r for r in rows if r["pattern_share"] is not None and r["pattern_share"] >= cfg.share]
         lorsa_out.append({"directory": directory, "layer": ll.layer, "n_heads": ll.lorsa.n_heads,
                           "heads_active": len(active), "top": rows[:cfg.top],
                           "function_heads": [r["head"] for r in rows if r["function"]],
-                          "best_with_share": max(shared, key=lambda r: probe.sign * r["path_patching_active"],
-                                                 default=None),
+                          "best_with_share": best_with_share(rows, probe.sign, cfg.share),
                           "z_patterns": patterns})
         if probe.task == "arithmetic" and cfg.operand_heads and rows:
             lorsa_out[-1]["operands"] = _operand_plots(lm, ll, [r["head"] for r in rows[:cfg.operand_heads]], out)

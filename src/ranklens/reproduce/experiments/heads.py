@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ranklens.analysis.config import HeadsConfig
-from ranklens.analysis.heads import find_heads
+from ranklens.analysis.heads import best_with_share, find_heads
 from ranklens.analysis.heads_report import heads_sections
 from ranklens.report.html import Report
 from ranklens.reproduce.commands import cli_command
@@ -60,8 +60,7 @@ def strongest_layer(task_result: dict[str, Any], share: float) -> int:
     those with at least `share` of their attention on the task's sources; among all ranked heads when none has."""
     sign = task_result["sign"]
     ranked = [r for r in task_result["mhsa"] if r["active_rows"] > 0]
-    qualified = [r for r in ranked if r["pattern_share"] is not None and r["pattern_share"] >= share]
-    best = max(qualified or ranked, key=lambda r: sign * r["path_patching_active"])
+    best = best_with_share(ranked, sign, share) or max(ranked, key=lambda r: sign * r["path_patching_active"])
     return int(best["layer"])
 
 
@@ -112,17 +111,16 @@ def verdicts(result: dict[str, Any], alpha: float) -> list[Verdict]:
     found = []
     induction = h["tasks"].get("induction")
     if induction is not None:
-        qualified = [r for r in induction["mhsa"] if r["pattern_share"] is not None and r["pattern_share"] >= share]
-        best = max(qualified, key=lambda r: r["path_patching"], default=None)
         found.append(_existence(
             f"An MHSA head does induction: path-patching effect of at least {threshold} logits with at least "
-            f"{share:.0%} of its attention on the induction source (App. F.3)", "heads.mhsa.induction", best, 1,
+            f"{share:.0%} of its attention on the induction source (App. F.3)", "heads.mhsa.induction",
+            best_with_share(induction["mhsa"], 1, share), 1,
             threshold, share, "MHSA head"))
     for task in LORSA_TASKS:
         if task in h["tasks"]:
             sign = h["tasks"][task]["sign"]
-            candidates = [lo["best_with_share"] for lo in h["tasks"][task]["lorsa"] if lo["best_with_share"]]
-            best = max(candidates, key=lambda r: sign * r["path_patching_active"], default=None)
+            best = best_with_share([lo["best_with_share"] for lo in h["tasks"][task]["lorsa"] if lo["best_with_share"]],
+                                   sign, share)
             found.append(_existence(
                 f"A Lorsa head does {task.replace('_', ' ')}: effect where active of at least {threshold} with "
                 f"at least {share:.0%} of its z pattern on the task's sources (Section 5.1)",
