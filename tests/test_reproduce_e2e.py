@@ -161,3 +161,56 @@ def test_budget_alone_with_an_lr_sweep(micro, tmp_path):
     claims = [v["claim"] for v in budget["verdicts"]]
     assert sum("at the end of training" in c for c in claims) == 9 and sum("after 1,024 tokens" in c for c in claims) == 8
     assert (out / "figures" / "fig_budget_curves.png").exists()
+
+
+def test_budget_split_over_jobs_by_seed(micro, tmp_path):
+    """The long preset split by seed: a job with --only-seeds, then a job with --reuse that trains only the other
+    seeds and reuses the sweep; its numbers and verdicts equal one unsplit run's."""
+    values = yaml.safe_load(micro.read_text())
+    values.update(experiments=["budget"], lr_sweep=[1e-3, 3e-2], lr_sweep_tokens=1024, sae_tokens=2048,
+                  curve_tokens=[512, 1024], budget_verdict_tokens=[1024], budget_d_init_values=[])
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(values))
+
+    def run(out, *flags):
+        assert main(["reproduce", "--config", str(path), "--out", str(out), "--quiet", *flags]) == 0
+        return json.loads((out / "results.json").read_text())["steps"]
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "part", "--only-seeds", "1")
+    # A copy of what a job keeps (its config and step records; no store, no SAE weights) is enough to reuse it.
+    kept = tmp_path / "kept"
+    (kept / "steps").mkdir(parents=True)
+    (kept / "config.yaml").write_text((tmp_path / "part" / "config.yaml").read_text())
+    for name in ("lr_sweep", "budget"):
+        (kept / "steps" / f"{name}.json").write_text((tmp_path / "part" / "steps" / f"{name}.json").read_text())
+    merged = run(tmp_path / "merged", "--reuse", str(kept))
+    trained = sorted(p.name for p in (tmp_path / "merged" / "sae").iterdir())
+    assert trained and all(name.endswith("-s0") for name in trained)  # seed 1 came from the part, the sweep too
+    runs = merged["budget"]["result"]["runs"]
+    assert sorted(n for n, r in runs.items() if r.get("reused")) == sorted(n for n in runs if n.endswith("-s1"))
+    assert merged["lr_sweep"]["result"] == whole["lr_sweep"]["result"]
+    for name, r in whole["budget"]["result"]["runs"].items():
+        assert runs[name]["metrics"] == r["metrics"] and runs[name]["curve"] == r["curve"], name
+    assert json.dumps(merged["budget"]["verdicts"]) == json.dumps(whole["budget"]["verdicts"])
+    assert merged["budget"]["result"]["layout"]["groups"] == whole["budget"]["result"]["layout"]["groups"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--only-seeds", "5"], "not among the run's seeds 0..1"),
+    (["--only-seeds", "1", "--experiments", "budget,asi"], "with --experiments budget"),
+    (["--reuse", "{tmp}"], "holds no config.yaml"),
+    (["--reuse", "{tmp}/other"], "ran with other settings (k: 4 here, 99 there); only seeds, only_seeds, reuse"),
+])
+def test_split_flags_refused(micro, tmp_path, capsys, flags, message):
+    values = yaml.safe_load(micro.read_text())
+    values.update(experiments=["budget"])
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(values))
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    other = {"job": "reproduce", **ReproduceConfig.load(path).model_dump(mode="json"), "k": 99, "seeds": 5}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.yaml").write_text(yaml.safe_dump(other))
+    assert main(["reproduce", "--config", str(path), "--out", str(tmp_path / "out"), "--quiet", *flags]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -41,7 +41,8 @@ from ranklens.reproduce.experiments import (
 from ranklens.reproduce.pipeline import Step, run_steps
 from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
-from ranklens.rundir import open_run_dir
+from ranklens.errors import RanklensError
+from ranklens.rundir import open_run_dir, read_run_config
 
 EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa, lr_sweep, budget, dashboards,
                qk_ablations, lorsa_scaling, heads]
@@ -81,12 +82,33 @@ def steps(plan: Plan) -> list[Step]:
     return [m.step(plan) for m in first] + ([activations_step(plan)] if store else []) + [m.step(plan) for m in rest]
 
 
+SPLIT_FIELDS = ("seeds", "only_seeds", "reuse")  # what may differ between the jobs of one split run
+
+
+def check_reuse(cfg: ReproduceConfig) -> None:
+    """Every --reuse directory is a reproduce run with this run's settings, the seeds aside; else a one-line error
+    before any work starts."""
+    ours = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in SPLIT_FIELDS}
+    for d in cfg.reuse:
+        try:
+            theirs = read_run_config(d, "reproduce")
+        except RanklensError as e:
+            raise RanklensError(f"--reuse {d!r}: {e}") from None
+        differ = sorted(k for k in ours.keys() | theirs.keys() if k not in SPLIT_FIELDS and ours.get(k) != theirs.get(k))
+        if differ:
+            shown = "; ".join(f"{k}: {ours.get(k)!r} here, {theirs.get(k, 'unset')!r} there" for k in differ[:3])
+            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+            raise RanklensError(f"--reuse {d!r} ran with other settings ({shown}{more}); only "
+                                f"{', '.join(SPLIT_FIELDS)} may differ")
+
+
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True, command: str | None = None,
               ) -> dict[str, Any]:
     """Run (or resume, or reuse) every step in `out`, then write results.json and report.html; returns the
     results."""
     command = command or cli_command("reproduce", cfg, out, base=ReproduceConfig.load(preset=cfg.preset,
                                                                                       paper=cfg.paper))
+    check_reuse(cfg)
     with open_run_dir(out, cfg, "reproduce") as run_dir:
         plan = Plan(cfg, run_dir, ModelShape.of(cfg.model))
         records = run_steps(run_dir, steps(plan), Context(plan, progress), progress)

@@ -68,6 +68,31 @@ def load_step(out: Path, step: Step) -> dict[str, Any] | None:
     return record
 
 
+def _placeless(obj: Any) -> Any:
+    """`obj` without its ``store`` paths: the same store settings live in different run directories."""
+    if isinstance(obj, dict):
+        return {k: _placeless(v) for k, v in obj.items() if k != "store"}
+    if isinstance(obj, list):
+        return [_placeless(v) for v in obj]
+    return obj
+
+
+def finished_elsewhere(dirs: Sequence[str | Path], name: str, config: dict[str, Any], ignore: Sequence[str] = (),
+                       ) -> list[tuple[Path, dict[str, Any]]]:
+    """(directory, result) of step `name` finished in each of the run directories `dirs` (``--reuse``, checked by
+    ``ranklens.reproduce.job.check_reuse``) with `config`, the keys in `ignore` and store paths aside; a directory
+    without that step, or with another config, gives nothing."""
+    found = []
+    wanted = {k: v for k, v in _placeless(_plain(config)).items() if k not in ignore}
+    for d in map(Path, dirs):
+        path = step_path(d, name)
+        if path.exists():
+            record = upgrade_step(read_json(path))
+            if {k: v for k, v in _placeless(record["config"]).items() if k not in ignore} == wanted:
+                found.append((d, record["result"]))
+    return found
+
+
 def run_step(out: Path, step: Step, context: Any) -> dict[str, Any]:
     """Run one step (or reuse it) and return its record."""
     record = load_step(out, step)

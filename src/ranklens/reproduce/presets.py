@@ -61,6 +61,11 @@ class ReproduceConfig(CorpusFields, ModelFields):
                                                                  "is measured")
     seeds: int = Field(3, ge=1, description="runs per cell of the seeded experiments, seeds --seed, --seed + 1, ... "
                                             "(App. H: 15)")
+    only_seeds: list[int] = Field([], description="experiment 9 split over jobs: run only these of the seeds "
+                                   "(--seed ... --seed + seeds - 1); a later run takes them with --reuse. Empty: all")
+    reuse: list[str] = Field([], description="experiment 9: run directories of the same experiment (other seeds, "
+                                             "e.g. from --only-seeds) whose finished learning-rate sweep and SAE "
+                                             "runs with the same settings are taken instead of recomputed")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of every verdict")
     # Experiments 1-2 (Section 4, App. B-D): one spectrum job over every layer.
     spectrum_tokens: int = Field(100_000, gt=0, description="tokens per site of the spectrum of every layer")
@@ -148,6 +153,7 @@ class ReproduceConfig(CorpusFields, ModelFields):
 
     @field_validator("experiments", "compare_corpora", "compare_models", "d_init_values", "k_values",
                      "scaling_expansions", "curve_tokens", "budget_d_init_values", "budget_verdict_tokens", "lr_sweep",
+                     "only_seeds", "reuse",
                      "qk_dims", "qk_contexts", "qk_group_ratios", "lorsa_scaling_expansions", "lorsa_scaling_k",
                      "heads_tasks", mode="before")
     @classmethod
@@ -190,6 +196,18 @@ class ReproduceConfig(CorpusFields, ModelFields):
                              f"experiments {', '.join(names)}")
         return self
 
+    @model_validator(mode="after")
+    def _split_seeds(self) -> ReproduceConfig:
+        """--only-seeds and --reuse split experiment 9 over jobs; the other experiments judge every seed in one run."""
+        if (self.only_seeds or self.reuse) and (self.paper != "collapse" or self.experiments != ["budget"]):
+            raise ValueError("--only-seeds and --reuse split experiment 9 alone over jobs: use them with "
+                             "--experiments budget (the long preset)")
+        outside = [s for s in self.only_seeds if not self.seed <= s < self.seed + self.seeds]
+        if outside:
+            raise ValueError(f"--only-seeds {','.join(map(str, outside))}: not among the run's seeds "
+                             f"{self.seed}..{self.seed + self.seeds - 1} (--seed, --seeds)")
+        return self
+
     @classmethod
     def defaults_for(cls, values: dict[str, Any]) -> dict[str, Any]:
         """The values of the preset that `values` name (quick when none), for the paper they name."""
@@ -203,7 +221,8 @@ class ReproduceConfig(CorpusFields, ModelFields):
         return {**PRESETS[preset], "experiments": list(LORSA_EXPERIMENT_NAMES), **LORSA_PRESETS[preset]}
 
     def seed_list(self) -> list[int]:
-        return [self.seed + i for i in range(self.seeds)]
+        """The seeds this job runs: --seed, --seed + 1, ..., or the --only-seeds among them."""
+        return [self.seed + i for i in range(self.seeds) if not self.only_seeds or self.seed + i in self.only_seeds]
 
 
 PRESETS: dict[str, dict[str, Any]] = {

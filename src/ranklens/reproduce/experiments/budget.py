@@ -4,7 +4,9 @@ At the middle layer's attention output, over the preset's seeds and with every S
 TopK, AuxK, ASI with the run's d_init (``auto`` by default) and with each of ``budget_d_init_values``, and ASI with
 SparseAdam. Every run logs its held-out FVU and the features that never fired on the held-out tokens at the
 preset's ``curve_tokens`` and at its end (``curve.jsonl``), so the report shows where the lines cross or do not.
-The learning rate is the run's ``lr``, or the one the ``lr_sweep`` step chose when the preset sweeps.
+The learning rate is the run's ``lr``, or the one the ``lr_sweep`` step chose when the preset sweeps. A long run can
+be split over jobs by seed (``--only-seeds``); a last run with ``--reuse DIR ...`` takes the SAE runs those jobs
+finished with the same settings (their metrics and curves) and trains only the rest, so its verdicts cover every seed.
 
 Verdicts, at the end of training (dead = not fired in the training window, as in experiment 4) and again at each of
 ``budget_verdict_tokens`` shorter than the run (dead = never fired on the held-out tokens, the only dead count that
@@ -23,7 +25,7 @@ from typing import Any
 from ranklens.report.html import Report
 from ranklens.reproduce import figures as rfig
 from ranklens.reproduce.experiments.sae_runs import fmt_mean_std, mean_std
-from ranklens.reproduce.pipeline import Step
+from ranklens.reproduce.pipeline import Step, finished_elsewhere
 from ranklens.reproduce.plan import Cell, Plan
 from ranklens.reproduce.report_parts import verdict_blocks
 from ranklens.reproduce.verdicts import Verdict, welch_less
@@ -65,17 +67,29 @@ def step(plan: Plan) -> Step:
     def run(ctx) -> dict[str, Any]:
         lr = ctx.records["lr_sweep"]["result"]["chosen_lr"] if swept else None
         by_label = groups(plan, lr)
-        cells = [cell for cs in by_label.values() for cell in cs]
-        metrics = ctx.train_all(cells)
-        runs = {cell.name: {"cell": asdict(cell), "dir": f"sae/{cell.name}", "metrics": metrics[cell.name],
-                            "curve": read_curve(plan.sae_dir(cell))} for cell in dict.fromkeys(cells)}
+        cells = list(dict.fromkeys(cell for cs in by_label.values() for cell in cs))
+        runs = reused_runs(c.reuse, config, {cell.name for cell in cells})
+        metrics = ctx.train_all([cell for cell in cells if cell.name not in runs])
+        runs.update({cell.name: {"cell": asdict(cell), "dir": f"sae/{cell.name}", "metrics": metrics[cell.name],
+                                 "curve": read_curve(plan.sae_dir(cell))} for cell in cells if cell.name not in runs})
+        runs = {cell.name: runs[cell.name] for cell in cells}
         layout = {"site": plan.main_site, "d": plan.shape.d_model, "lr": c.lr if lr is None else lr,
                   "lr_from_sweep": swept, "tokens": c.sae_tokens, "verdict_tokens": c.budget_verdict_tokens,
                   "groups": {label: [cell.name for cell in cs] for label, cs in by_label.items()}}
-        return {"layout": layout, "runs": runs,
-                "commands": [plan.sae_command(cell) for cell in dict.fromkeys(cells)]}
+        return {"layout": layout, "runs": runs, "commands": [plan.sae_command(cell) for cell in cells]}
 
     return Step(NAME, TITLE, run, config, [])
+
+
+def reused_runs(dirs: list[str], config: dict[str, Any], wanted: set[str]) -> dict[str, dict[str, Any]]:
+    """The runs among `wanted` that experiment 9 finished in the --reuse directories with the same settings (any
+    seeds); each keeps its metrics and curve, and its ``dir`` points into the directory it came from."""
+    runs: dict[str, dict[str, Any]] = {}
+    for source, result in finished_elsewhere(dirs, NAME, config, ignore=("seeds",)):
+        for name, run in result["runs"].items():
+            if name in wanted and name not in runs:
+                runs[name] = {**run, "dir": str(source / run["dir"]), "reused": True}
+    return runs
 
 
 # --------------------------------------------------------------------------- numbers

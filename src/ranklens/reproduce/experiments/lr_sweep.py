@@ -3,11 +3,13 @@
 App. E.1 gives 4e-5 for 800M tokens; shorter runs at the same batch want a larger rate, and which one is an empirical
 question for this model and budget. Each value trains TopK and ASI (the run's d_init) at the middle layer's attention
 output for ``lr_sweep_tokens`` tokens with the first seed and the run's batch; the chosen rate is the one with the
-lowest mean held-out FVU over the two methods (ties: the smaller rate). No verdicts: this step only chooses.
+lowest mean held-out FVU over the two methods (ties: the smaller rate). No verdicts: this step only chooses. A run
+with ``--reuse`` takes the sweep of a directory that ran it with the same settings (seeds split over jobs).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from ranklens.report.html import Report
 from ranklens.reproduce.experiments.sae_runs import sae_step
-from ranklens.reproduce.pipeline import Step
+from ranklens.reproduce.pipeline import Step, finished_elsewhere
 from ranklens.reproduce.plan import Plan
 from ranklens.reproduce.verdicts import Verdict
 
@@ -33,7 +35,15 @@ def step(plan: Plan) -> Step:
     def choose(ctx, runs: dict[str, Any]) -> dict[str, Any]:
         return {"chosen_lr": chosen_lr({"layout": layout, "runs": runs})}
 
-    return sae_step(NAME, TITLE, plan, [cell for ms in grid.values() for cell in ms.values()], layout, extra=choose)
+    sweep = sae_step(NAME, TITLE, plan, [cell for ms in grid.values() for cell in ms.values()], layout, extra=choose)
+
+    def run(ctx) -> dict[str, Any]:
+        """The sweep of a --reuse directory with the same settings, or a new one."""
+        for _, result in finished_elsewhere(c.reuse, NAME, sweep.config):
+            return result
+        return sweep.run(ctx)
+
+    return replace(sweep, run=run)
 
 
 def mean_fvu(result: dict[str, Any]) -> dict[str, float]:
