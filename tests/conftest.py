@@ -16,6 +16,15 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_bf16():
+    """SmolLM2 in bf16, the dtype jobs run it in on this CPU (a model of its own: casting the float32 fixture to
+    bf16 and back would round its weights for every later test)."""
+    from ranklens.lm.load import load_model
+
+    return load_model("smollm2-135m", dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
 def minilm():
     from ranklens.lm.load import load_model
 

@@ -49,23 +49,20 @@ def test_smollm2_site_arithmetic(smollm2):
                                rtol=1e-5, atol=1e-4)
 
 
-def test_smollm2_bf16_drops_the_mask_bit_identically(smollm2):
+def test_smollm2_bf16_drops_the_mask_bit_identically(smollm2_bf16):
     """`Architecture.forward_mask` on the embedded SmolLM2 in bf16 (the default capture dtype), real right-padded
     documents of the embedded corpus: the capture (no mask, SDPA's causal kernel) equals the masked forward exactly at
     every real position."""
     from ranklens.data.corpus import iter_documents
 
-    model = smollm2.model.to(torch.bfloat16)
-    try:
-        arch = describe(model)
-        batch = next(token_batches(iter_documents("default", seed=0), smollm2.tokenizer, context_length=1024,
-                                   batch_tokens=4096))
-        real = batch.attention_mask.bool()
-        assert not real.all() and arch.forward_mask(batch.attention_mask) is None
-        acts = Capturer(model, "L28.resid_post")(batch.input_ids, batch.attention_mask)
-        with torch.inference_mode():
-            hidden = arch.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     output_hidden_states=True).hidden_states[29]  # the input of layer 29
-    finally:
-        model.float()
+    model = smollm2_bf16.model
+    arch = describe(model)
+    batch = next(token_batches(iter_documents("default", seed=0), smollm2_bf16.tokenizer, context_length=1024,
+                               batch_tokens=4096))
+    real = batch.attention_mask.bool()
+    assert not real.all() and arch.forward_mask(batch.attention_mask) is None
+    acts = Capturer(model, "L28.resid_post")(batch.input_ids, batch.attention_mask)
+    with torch.inference_mode():
+        hidden = arch.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 output_hidden_states=True).hidden_states[29]  # the input of layer 29
     assert torch.equal(acts["L28.resid_post"][real], hidden[real])

@@ -194,6 +194,9 @@ def test_budget_split_over_jobs_by_seed(micro, tmp_path):
         assert runs[name]["metrics"] == r["metrics"] and runs[name]["curve"] == r["curve"], name
     assert json.dumps(merged["budget"]["verdicts"]) == json.dumps(whole["budget"]["verdicts"])
     assert merged["budget"]["result"]["layout"]["groups"] == whole["budget"]["result"]["layout"]["groups"]
+    report = html.unescape((tmp_path / "merged" / "report.html").read_text())
+    assert f"4 of the 8 SAE runs were trained by earlier jobs of this split run (--only-seeds) and taken from {kept}" \
+        in report
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -14,7 +14,7 @@ from test_spectrum_job import _config
 
 ARGS = ["--sites", "L*.attn_out,L*.mlp_out,L1.attn_z", "--tokens", "1500", "--context-length", "64",
         "--batch-tokens", "256", "--dtype", "float32", "--loss-recovered", "L1.attn_out", "--loss-tokens", "300",
-        "--loss-points", "4", "--decompose", "1", "--splits", "2", "--quiet"]
+        "--loss-points", "4", "--decompose", "1", "--splits", "2", "--gram-dtype", "float64", "--quiet"]
 
 
 def _torchrun(tiny_dir, out, nproc: int) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from ranklens.spectrum.job import SpectrumConfig, run_spectrum
 def _config(tiny_dir, **overrides) -> SpectrumConfig:
     values = dict(model=str(tiny_dir / "model"), corpus=str(tiny_dir / "corpus"), sites="L*.attn_out,L*.mlp_out,L1.attn_z",
                   tokens=1500, context_length=64, batch_tokens=512, dtype="float32", loss_recovered="L1.attn_out",
-                  loss_tokens=300, loss_points=4, decompose="1", splits=2)
+                  loss_tokens=300, loss_points=4, decompose="1", splits=2, gram_dtype="float64")  # the exact path
     values.update(overrides)
     return SpectrumConfig(**values)
 

@@ -162,6 +162,12 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
                   f"FVU and the share of features that never fire on the {m.get('eval_tokens', 0):,} held-out tokens, "
                   f"at each logged point (mean and one standard deviation over seeds). At the end, dead = not fired "
                   f"in the last {m['dead_window_tokens']:,} training tokens.")
+    reused = sorted({str(Path(r["dir"]).parent.parent) for r in result["runs"].values() if r.get("reused")})
+    if reused:
+        n = sum(bool(r.get("reused")) for r in result["runs"].values())
+        rep.paragraph(f"{n} of the {len(result['runs'])} SAE runs were trained by earlier jobs of this split run "
+                      f"(--only-seeds) and taken from {', '.join(reused)} (--reuse); their metrics and curves are "
+                      "theirs, their weights stayed there.")
     panels = [rfig.Panel(label, "training tokens", {name: curve_series(result, names, metric)
                                                     for name, names in g.items()}, logx=True)
               for metric, label in (("fvu", "held-out FVU"), ("eval_dead", "never fire on held-out text"))]
