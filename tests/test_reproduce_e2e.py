@@ -161,6 +161,8 @@ def test_budget_alone_with_an_lr_sweep(micro, tmp_path):
     claims = [v["claim"] for v in budget["verdicts"]]
     assert sum("at the end of training" in c for c in claims) == 9 and sum("after 1,024 tokens" in c for c in claims) == 8
     assert (out / "figures" / "fig_budget_curves.png").exists()
+    side = "largest" if sweep["chosen_lr"] == 3e-2 else "smallest"  # of two rates, the choice is at an edge
+    assert f"The chosen rate is the {side} one tried" in (out / "report.html").read_text()
 
 
 def test_budget_split_over_jobs_by_seed(micro, tmp_path):

@@ -68,5 +68,10 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
     rows = [[lr] + [result["runs"][ms[m]]["metrics"]["fvu"] for m in METHODS] + [fvu[lr]]
             for lr, ms in lay["grid"].items()]
     rep.table(["learning rate", *(f"FVU {m}" for m in METHODS), "mean"], rows, number_format=".4f",
-              caption=f"{lay['site']}, {lay['tokens']:,} training tokens per run, first seed; chosen: "
+              caption=f"{lay['site']}, {lay['tokens']:,} training tokens per run, the run's first seed; chosen: "
                       f"{result['chosen_lr']:g} (lowest mean held-out FVU)")
+    rates = sorted(float(lr) for lr in lay["grid"])
+    if len(rates) > 1 and result["chosen_lr"] in (rates[0], rates[-1]):
+        side = "largest" if result["chosen_lr"] == rates[-1] else "smallest"
+        rep.paragraph(f"The chosen rate is the {side} one tried: the best rate for this budget may lie beyond the "
+                      "grid, and a wider sweep would tell.")
