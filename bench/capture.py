@@ -2,9 +2,7 @@
 
 1. capture of every site of layers 0..L (one forward, early stop after layer L) against a bare forward truncated
    at layer L (no hooks): the goal is a ratio of at least 0.95;
-2. capture of one site at layer L against the full forward (all 30 layers and the LM head): the early-stop speedup;
-3. the truncated forward as it runs (a right-padded batch without its mask, ``Architecture.forward_mask``) against
-   the same forward given the mask (SDPA's dense-mask kernel): what dropping the mask gains.
+2. capture of one site at layer L against the full forward (all 30 layers and the LM head): the early-stop speedup.
 
 Runs alternate between the variants (A B A B ...) so drifting machine load hits all alike; the median of the
 repeats is reported. Usage: python bench/capture.py [--layer 15] [--tokens 4096] [--repeats 7] [--dtype bfloat16]
@@ -16,7 +14,6 @@ import argparse
 import json
 import statistics
 import time
-from unittest.mock import patch
 
 import torch
 
@@ -24,7 +21,6 @@ from ranklens.data.corpus import iter_documents
 from ranklens.data.tokenize import token_batches
 from ranklens.lm.capture import Capturer, truncated_forward
 from ranklens.lm.load import load_model
-from ranklens.lm.sites import Architecture
 
 
 def timed(fn) -> float:
@@ -53,13 +49,8 @@ def main() -> None:
         with torch.inference_mode():
             lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    def masked_truncated_forward():
-        with patch.object(Architecture, "forward_mask", lambda self, m: m):
-            truncated_forward(lm.model, ids, mask, args.layer)
-
     variants = {
         "truncated_forward": lambda: truncated_forward(lm.model, ids, mask, args.layer),
-        "truncated_forward_with_mask": masked_truncated_forward,
         "capture_all_sites": lambda: all_sites(ids, mask),
         "capture_one_site": lambda: one_site(ids, mask),
         "full_forward": full_forward,
@@ -79,8 +70,6 @@ def main() -> None:
         "ratio_capture_all_sites_vs_truncated_forward": median["truncated_forward"] / median["capture_all_sites"],
         "ratio_capture_one_site_vs_truncated_forward": median["truncated_forward"] / median["capture_one_site"],
         "early_stop_speedup_vs_full_forward": median["full_forward"] / median["capture_one_site"],
-        "speedup_without_mask_vs_with_mask": median["truncated_forward_with_mask"] / median["truncated_forward"],
-        "padded_positions_share": 1 - n_tokens / mask.numel(),
     }
     print(json.dumps(result, indent=1))
 

@@ -121,8 +121,7 @@ def test_all_sites_match_model_arithmetic(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_residual_stream_matches_hf_hidden_states(name):
     """HF hidden_states[i] is the input of layer i; the last entry is replaced by last_hidden_state, which has the
-    final norm applied (none for BERT). Compared at the real positions: a causal model's capture runs a right-padded
-    batch without its mask (``Architecture.forward_mask``), which changes only the pads' own outputs."""
+    final norm applied (none for BERT). Compared at the real positions, the only ones any job reads."""
     model = _model(name)
     arch = describe(model)
     acts = _full(name)
@@ -264,7 +263,7 @@ def test_context_manager_keeps_hooks_for_many_calls_and_removes_them():
         # other forwards of the model inside the block run to the end, untouched by the inert hooks
         with torch.no_grad():
             out = arch.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        real = mask.bool()  # the capture ran without the mask, which changes the pads' own outputs only
+        real = mask.bool()
         close(out[real], arch.final_norm(_full("llama")["L2.resid_post"])[real])
         with pytest.raises(RuntimeError, match="already active"), cap:
             pass
@@ -329,24 +328,4 @@ def test_truncated_forward_equals_resid_post_and_restores_model(name):
     close(truncated_forward(model, ids, mask), _full(name)[f"L{arch.n_layers - 1}.resid_post"])
     with pytest.raises(RanklensError, match="out of range"):
         truncated_forward(model, ids, mask, arch.n_layers)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", NAMES)
-def test_causal_models_drop_the_mask_of_a_right_padded_batch(name, dtype):
-    """`forward_mask`: a causal model on a right-padded batch runs without a mask (SDPA's causal kernel), and every
-    real position's hidden state is bit-identical to the masked forward; bidirectional models and batches padded
-    anywhere else keep their mask."""
-    model = tiny_model(name, dtype=dtype)
-    arch = describe(model)
-    ids, mask = tiny_batch(model, batch=3, seq=40, pad=17)
-    mask[1, 31:] = 0
-    assert (arch.forward_mask(mask) is None) == arch.causal
-    left = mask.flip(1)
-    assert arch.forward_mask(left) is left and arch.forward_mask(None) is None
-    with torch.inference_mode():
-        masked = arch.base_model(input_ids=ids, attention_mask=mask)[0]
-        dropped = arch.base_model(input_ids=ids, attention_mask=arch.forward_mask(mask))[0]
-    real = mask.bool()
-    assert torch.equal(masked[real], dropped[real])
 

@@ -62,7 +62,7 @@ def _sum_ce(model: torch.nn.Module, arch: Architecture, batch: TokenBatch) -> tu
     """Sum of next-token CE and the number of counted pairs for one batch, with whatever hooks are active."""
     head = lm_head(model, arch)
     kwargs = {"use_cache": False} if arch.accepts_use_cache else {}
-    out = arch.base_model(input_ids=batch.input_ids, attention_mask=arch.forward_mask(batch.attention_mask), **kwargs)
+    out = arch.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     pairs = batch.stat_mask[:, :-1] & batch.stat_mask[:, 1:]
     h = hidden[:, :-1][pairs]  # [n, d]

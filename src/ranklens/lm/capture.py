@@ -189,7 +189,7 @@ def capture(
 def _run_base(
     arch: Architecture, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inference_mode: bool
 ) -> Any:
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": arch.forward_mask(attention_mask)}
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if arch.accepts_use_cache:
         kwargs["use_cache"] = False
     with torch.inference_mode() if inference_mode else torch.no_grad():

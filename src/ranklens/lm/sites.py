@@ -186,18 +186,6 @@ class Architecture:
     parallel_residual: bool  # GPT-NeoX with use_parallel_residual
     accepts_use_cache: bool  # base_model.forward takes use_cache (capture passes use_cache=False)
 
-    def forward_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The attention mask to pass to the model: None for a causal model on a right-padded batch (every row's real
-        tokens first), the mask itself otherwise. Causal attention already keeps each real token from seeing the pads
-        after it, and positions count from 0 either way, so every real position's output is the same (bit-identical
-        in the tests; the pads' own outputs change, and nothing reads them); without a mask SDPA takes its causal
-        kernel instead of a dense-mask one, about a third faster on this CPU (bench/README.md)."""
-        if attention_mask is None or not self.causal:
-            return attention_mask
-        real = attention_mask.bool()
-        positions = torch.arange(real.shape[1], device=real.device)
-        return None if torch.equal(real, positions < real.sum(1, keepdim=True)) else attention_mask
-
     # ---- sizes -------------------------------------------------------------------------------------------------
 
     def site_dim(self, site: Site) -> int:
