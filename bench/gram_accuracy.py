@@ -23,7 +23,7 @@ from ranklens.spectrum.job import run_spectrum
 
 def relative_errors(fast: list[float], ref: list[float], above: float) -> float:
     top = ref[0]
-    return max((abs(f - r) / r for f, r in zip(fast, ref) if r > above * top), default=0.0)
+    return max((abs(f - r) / r for f, r in zip(fast, ref, strict=False) if r > above * top), default=0.0)
 
 
 def compare(fast: dict, ref: dict) -> dict:
@@ -31,13 +31,13 @@ def compare(fast: dict, ref: dict) -> dict:
            "effective_rank_rel_err": abs(fast["effective_rank"] - ref["effective_rank"]) / ref["effective_rank"],
            "frac_sv_above_1pct_abs_diff": abs(fast["frac_sv_above_1pct"] - ref["frac_sv_above_1pct"]),
            "cumulative_variance_max_abs_diff": max(abs(a - b) for a, b in zip(fast["cumulative_variance"],
-                                                                                ref["cumulative_variance"])),
+                                                                                ref["cumulative_variance"], strict=False)),
            "sv_above_1pct_max_rel_err": relative_errors(fast["singular_values"], ref["singular_values"], 1e-2),
            "sv_above_0.1pct_max_rel_err": relative_errors(fast["singular_values"], ref["singular_values"], 1e-3)}
     if "loss_recovered" in ref:
         a, b = fast["loss_recovered"], ref["loss_recovered"]
         shared = set(a["n"]) & set(b["n"])
-        fa, fb = dict(zip(a["n"], a["fraction"])), dict(zip(b["n"], b["fraction"]))
+        fa, fb = dict(zip(a["n"], a["fraction"], strict=False)), dict(zip(b["n"], b["fraction"], strict=False))
         out["loss_recovered_max_abs_diff"] = max(abs(fa[n] - fb[n]) for n in shared)
         out["n_99"] = [a["n_99"], b["n_99"]]
     return out

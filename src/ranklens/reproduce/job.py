@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ranklens.errors import RanklensError
 from ranklens.reproduce import report
 from ranklens.reproduce.commands import cli_command
 from ranklens.reproduce.context import Context
@@ -41,7 +42,6 @@ from ranklens.reproduce.experiments import (
 from ranklens.reproduce.pipeline import Step, run_steps
 from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
-from ranklens.errors import RanklensError
 from ranklens.rundir import open_run_dir, read_run_config
 
 EXPERIMENTS = [low_rank, wo, dead_vs_rank, asi, controls, scaling, dead_subspace, lorsa, lr_sweep, budget, dashboards,
