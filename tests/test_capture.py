@@ -121,24 +121,23 @@ def test_all_sites_match_model_arithmetic(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_residual_stream_matches_hf_hidden_states(name):
     """HF hidden_states[i] is the input of layer i; the last entry is replaced by last_hidden_state, which has the
-    final norm applied (none for BERT). Compared at the real positions, the only ones any job reads."""
+    final norm applied (none for BERT)."""
     model = _model(name)
     arch = describe(model)
     acts = _full(name)
     ids, mask = tiny_batch(model)
-    real = mask.bool()
     with torch.no_grad():
         out = arch.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         hs = out.hidden_states
         assert len(hs) == arch.n_layers + 1
         for i in range(arch.n_layers):
-            close(acts[f"L{i}.resid_pre"][real], hs[i][real])
+            close(acts[f"L{i}.resid_pre"], hs[i])
         for i in range(arch.n_layers - 1):
-            close(acts[f"L{i}.resid_post"][real], hs[i + 1][real])
+            close(acts[f"L{i}.resid_post"], hs[i + 1])
         last = acts[f"L{arch.n_layers - 1}.resid_post"]
         final = last if arch.final_norm is None else arch.final_norm(last)
-        close(final[real], hs[-1][real])
-        close(final[real], out.last_hidden_state[real])
+        close(final, hs[-1])
+        close(final, out.last_hidden_state)
 
 
 # ---- early stop ----------------------------------------------------------------------------------------------------
@@ -263,8 +262,7 @@ def test_context_manager_keeps_hooks_for_many_calls_and_removes_them():
         # other forwards of the model inside the block run to the end, untouched by the inert hooks
         with torch.no_grad():
             out = arch.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        real = mask.bool()
-        close(out[real], arch.final_norm(_full("llama")["L2.resid_post"])[real])
+        close(out, arch.final_norm(_full("llama")["L2.resid_post"]))
         with pytest.raises(RuntimeError, match="already active"), cap:
             pass
     assert _count_hooks(model) == before
@@ -328,4 +326,3 @@ def test_truncated_forward_equals_resid_post_and_restores_model(name):
     close(truncated_forward(model, ids, mask), _full(name)[f"L{arch.n_layers - 1}.resid_post"])
     with pytest.raises(RanklensError, match="out of range"):
         truncated_forward(model, ids, mask, arch.n_layers)
-
