@@ -82,13 +82,16 @@ def finished_elsewhere(dirs: Sequence[str | Path], name: str, config: dict[str, 
     """(directory, result) of step `name` finished in each of the run directories `dirs` (``--reuse``, checked by
     ``ranklens.reproduce.job.check_reuse``) with `config`, the keys in `ignore` and store paths aside; a directory
     without that step, or with another config, gives nothing."""
+    def comparable(c: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in _placeless(c).items() if k not in ignore}
+
     found = []
-    wanted = {k: v for k, v in _placeless(_plain(config)).items() if k not in ignore}
+    wanted = comparable(_plain(config))
     for d in map(Path, dirs):
         path = step_path(d, name)
         if path.exists():
             record = upgrade_step(read_json(path))
-            if {k: v for k, v in _placeless(record["config"]).items() if k not in ignore} == wanted:
+            if comparable(record["config"]) == wanted:
                 found.append((d, record["result"]))
     return found
 

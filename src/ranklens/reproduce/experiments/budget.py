@@ -68,11 +68,11 @@ def step(plan: Plan) -> Step:
         lr = ctx.records["lr_sweep"]["result"]["chosen_lr"] if swept else None
         by_label = groups(plan, lr)
         cells = list(dict.fromkeys(cell for cs in by_label.values() for cell in cs))
-        runs = reused_runs(c.reuse, config, {cell.name for cell in cells})
-        metrics = ctx.train_all([cell for cell in cells if cell.name not in runs])
-        runs.update({cell.name: {"cell": asdict(cell), "dir": f"sae/{cell.name}", "metrics": metrics[cell.name],
-                                 "curve": read_curve(plan.sae_dir(cell))} for cell in cells if cell.name not in runs})
-        runs = {cell.name: runs[cell.name] for cell in cells}
+        reused = reused_runs(c.reuse, config, {cell.name for cell in cells})
+        metrics = ctx.train_all([cell for cell in cells if cell.name not in reused])
+        runs = {cell.name: reused.get(cell.name) or {"cell": asdict(cell), "dir": f"sae/{cell.name}",
+                                                     "metrics": metrics[cell.name],
+                                                     "curve": read_curve(plan.sae_dir(cell))} for cell in cells}
         layout = {"site": plan.main_site, "d": plan.shape.d_model, "lr": c.lr if lr is None else lr,
                   "lr_from_sweep": swept, "tokens": c.sae_tokens, "verdict_tokens": c.budget_verdict_tokens,
                   "groups": {label: [cell.name for cell in cs] for label, cs in by_label.items()}}
