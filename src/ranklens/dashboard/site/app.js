@@ -774,6 +774,7 @@
     state.view = "overview";
     document.body.dataset.view = "overview";
     document.title = `${state.meta.title} \u00b7 ranklens dashboard`;
+    state.renderSeq++; // a feature still loading must not write into the view cleared here
     $("feature-view").hidden = true;
     $("feature-view").replaceChildren();
     $("overview-view").hidden = false;
