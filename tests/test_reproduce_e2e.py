@@ -199,6 +199,12 @@ def test_budget_split_over_jobs_by_seed(micro, tmp_path):
     report = html.unescape((tmp_path / "merged" / "report.html").read_text())
     assert f"4 of the 8 SAE runs were trained by earlier jobs of this split run (--only-seeds) and taken from {kept}" \
         in report
+    # A last job whose every run is finished elsewhere collects no store and trains nothing, with the same numbers.
+    final = run(tmp_path / "final", "--reuse", f"{kept},{tmp_path / 'merged'}")
+    assert sorted(p.name for p in (tmp_path / "final").iterdir() if p.is_dir()) == ["figures", "steps"]
+    assert final["activations"]["result"]["reused_from"] == str(tmp_path / "merged")
+    assert all(r.get("reused") for r in final["budget"]["result"]["runs"].values())
+    assert json.dumps(final["budget"]["verdicts"]) == json.dumps(whole["budget"]["verdicts"])
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -39,7 +39,7 @@ from ranklens.reproduce.experiments import (
     scaling,
     wo,
 )
-from ranklens.reproduce.pipeline import Step, run_steps
+from ranklens.reproduce.pipeline import Step, finished_elsewhere, run_steps
 from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
 from ranklens.rundir import open_run_dir, read_run_config
@@ -62,16 +62,22 @@ def selected(cfg: ReproduceConfig) -> list:
 
 
 def activations_step(plan: Plan) -> Step:
-    """The activation store every SAE trains from (`ranklens collect`): the sweep's sites and the middle layer's."""
+    """The activation store every SAE trains from (`ranklens collect`): the sweep's sites and the middle layer's.
+
+    With ``--reuse``, a job whose store settings match one of those directories takes that record and collects
+    nothing here: the store is collected on first use (``Context.store``), so a last job of a split run whose SAE
+    runs were all trained by earlier jobs reads no activations at all."""
     cfg = plan.collect_config()
+    config = {"collect": cfg.model_dump(mode="json")}
 
     def run(ctx) -> dict[str, Any]:
+        for source, result in finished_elsewhere(plan.cfg.reuse, "activations", config):
+            return {**result, "reused_from": str(source)}
         store = ctx.store()
         return {"store": str(plan.store_dir.relative_to(plan.out)), "n_tokens": store.n_tokens,
                 "docs_consumed": store.docs_consumed, "sites": ", ".join(store.sites)}
 
-    return Step("activations", "SAE activation store", run, {"collect": cfg.model_dump(mode="json")},
-                [plan.collect_command()])
+    return Step("activations", "SAE activation store", run, config, [plan.collect_command()])
 
 
 def steps(plan: Plan) -> list[Step]:
