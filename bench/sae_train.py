@@ -38,6 +38,9 @@ What is compared (one process, all libraries built from the SAME initial weights
 - Timing: ``--warmup`` untimed steps per library, then ``--repeats`` rounds; each round runs ``--steps-per-repeat``
   steps of every library in a rotated order (ABC, BCA, CAB, ...), so drifting load hits all alike. Per-step wall time
   (perf_counter) and process CPU time; tokens/s = batch / median step time. The load average is recorded.
+- Bound: every round also times the encoder's forward matmul alone (``encoder_bound``: x @ W_E^T at the cell's
+  shape and matmul dtype); share of bound = its median time / a library's median step time (1.0 = a step that
+  costs nothing beyond that one product).
 - FVU: after the timing each library continues untimed to ``--fvu-steps`` steps (same batches, same order), then
   FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 on a held-out chunk (the last tokens of the store in storage
   order, never trained on), x_hat from each library's own fp32 forward. nmse_uncentered = sum ||x - x_hat||^2 /
@@ -438,6 +441,19 @@ def _quantile(v: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def encoder_bound(n: int, d: int, dtype: torch.dtype, batch: int, seed: int) -> Callable[[torch.Tensor], None]:
+    """The physical bound of a TopK SAE step (issue 18): the encoder's forward product x @ W_E^T alone, [B, d] x
+    [d, n] in the dtype the step's matmul runs in (bf16 under autocast), into a preallocated output: no allocation,
+    no top-k, no decoder, no backward, no optimizer. No trainer can step faster than this product runs."""
+    w = torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    out = torch.empty(batch, n, dtype=dtype)
+
+    def run(x: torch.Tensor) -> None:
+        torch.mm(x.to(dtype), w.t(), out=out)
+
+    return run
+
+
 def run_config(
     n: int,
     dtype: torch.dtype,
@@ -464,6 +480,10 @@ def run_config(
         for _ in range(args.warmup):
             r.step(batches(pos[r.name]))
             pos[r.name] += 1
+    bound = encoder_bound(n, args.d_in, dtype, args.batch, args.seed)
+    for _ in range(args.warmup):
+        bound(batches(0))
+    bound_wall: list[float] = []
     wall: dict[str, list[float]] = {r.name: [] for r in runners}
     cpu: dict[str, list[float]] = {r.name: [] for r in runners}
     phases: dict[str, dict[str, list[float]]] = {r.name: {} for r in runners}
@@ -482,6 +502,11 @@ def run_config(
                 cpu[r.name].append(c1 - c0)
                 for key, v in ph.items():
                     phases[r.name].setdefault(key, []).append(v)
+        for i in range(args.steps_per_repeat):  # the bound, timed in the same rounds as the libraries
+            x = batches(i)
+            t0 = time.perf_counter()
+            bound(x)
+            bound_wall.append(time.perf_counter() - t0)
         load.append(os.getloadavg()[0])
         line = "  ".join(
             f"{r.name} {args.batch / _median(wall[r.name][-args.steps_per_repeat :]):8.0f}" for r in runners
@@ -496,10 +521,15 @@ def run_config(
         "load_avg_1min": {"min": min(load), "median": _median(load), "max": max(load)},
         "libs": {},
     }
+    bound_med = _median(bound_wall)
+    out["bound"] = {"what": "encoder forward matmul alone (x @ W_E^T, preallocated output)",
+                    "step_s_median": bound_med, "tokens_per_s": args.batch / bound_med,
+                    "tflops": 2 * args.batch * n * args.d_in / bound_med / 1e12}
     for r in runners:
         w = wall[r.name]
         med = _median(w)
         out["libs"][r.name] = {
+            "share_of_bound": bound_med / med,
             "tokens_per_s": args.batch / med,
             "tokens_per_s_p25_p75": [args.batch / _quantile(w, 0.75), args.batch / _quantile(w, 0.25)],
             "step_s_median": med,
@@ -544,7 +574,8 @@ def run_config(
         lib = out["libs"][r.name]
         print(
             f"  {r.name:20s} {lib['tokens_per_s']:9.0f} tok/s  (p25-p75 {lib['tokens_per_s_p25_p75'][0]:.0f}-"
-            f"{lib['tokens_per_s_p25_p75'][1]:.0f}, {lib['cpu_cores_used_median']:.2f} cores)  "
+            f"{lib['tokens_per_s_p25_p75'][1]:.0f}, {lib['cpu_cores_used_median']:.2f} cores, "
+            f"{lib['share_of_bound']:.0%} of the bound)  "
             f"FVU {lib['fvu']:.4f} after {lib['trained_steps']} steps  phases "
             + " ".join(f"{k}={v * 1e3:.0f}ms" for k, v in lib["phases_s_median"].items()),
             flush=True,
@@ -680,7 +711,7 @@ def markdown(results: dict) -> str:
         head = (
             "| features | dtype | AuxK | "
             + " | ".join(f"{lib} tok/s" for lib in libs)
-            + " | ranklens / faster peer | "
+            + " | bound tok/s (TFLOP/s) | ranklens share of bound | ranklens / faster peer | "
             + " | ".join(f"FVU {lib}" for lib in libs)
             + " | load |"
         )
@@ -688,6 +719,10 @@ def markdown(results: dict) -> str:
         for c in run["configs"]:
             cells = [str(c["n_features"]), c["dtype"], "yes" if c["auxk"] else "no"]
             cells += [f"{c['libs'][lib]['tokens_per_s']:.0f}" if lib in c["libs"] else "" for lib in libs]
+            b = c.get("bound")
+            cells.append(f"{b['tokens_per_s']:.0f} ({b['tflops']:.2f})" if b else "")
+            share = c["libs"].get("ranklens", {}).get("share_of_bound")
+            cells.append(f"{share:.0%}" if share else "")
             ratio = c.get("ratio_ranklens_over_faster_peer")
             paired = c.get("ratio_ranklens_over_faster_peer_paired_rounds")
             paired_s = f", paired by round {paired:.2f}" if paired else ""
