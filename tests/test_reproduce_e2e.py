@@ -13,6 +13,7 @@ from ranklens.reproduce import context as context_module
 from ranklens.reproduce import job
 from ranklens.reproduce import report as rp
 from ranklens.reproduce.context import Context
+from ranklens.reproduce.experiments.sae_runs import fmt_mean_std
 from ranklens.reproduce.pipeline import run_steps
 from ranklens.reproduce.plan import ModelShape, Plan
 from ranklens.reproduce.presets import ReproduceConfig
@@ -162,7 +163,14 @@ def test_budget_alone_with_an_lr_sweep(micro, tmp_path):
     assert sum("at the end of training" in c for c in claims) == 9 and sum("after 1,024 tokens" in c for c in claims) == 8
     assert (out / "figures" / "fig_budget_curves.png").exists()
     side = "largest" if sweep["chosen_lr"] == 3e-2 else "smallest"  # of two rates, the choice is at an edge
-    assert f"The chosen rate is the {side} one tried" in (out / "report.html").read_text()
+    report = html.unescape((out / "report.html").read_text())
+    assert f"The chosen rate is the {side} one tried" in report
+    # The per-point tables: TopK's share of never-firing features at 1,024 tokens, from its runs' curves.
+    runs = budget["result"]["runs"]
+    shares = [next(p["eval_dead"] for p in runs[n]["curve"] if p["tokens"] == 1024) / runs[n]["metrics"]["n_features"]
+              for n in lay["groups"]["TopK"]]
+    assert "Share of features never firing on the held-out tokens at each curve point" in report
+    assert f"<td>{fmt_mean_std(shares)}</td>" in report
 
 
 def test_budget_split_over_jobs_by_seed(micro, tmp_path):

@@ -181,7 +181,10 @@ def section(rep: Report, record: dict[str, Any], found: list[Verdict], fig_dir: 
               rows, caption="At the end of training, mean \u00b1 std over seeds")
     points = sorted({int(p["tokens"]) for r in result["runs"].values() for p in r["curve"]})
     if points:
-        rows = [[label] + [fmt_mean_std(at_tokens(result, names, t, "fvu")) for t in points]
-                for label, names in g.items()]
-        rep.table(["method", *(f"{t:,}" for t in points)], rows, caption="Held-out FVU at each curve point (tokens)")
+        for metric, caption in (("fvu", "Held-out FVU at each curve point (tokens)"),
+                                ("eval_dead", "Share of features never firing on the held-out tokens at each curve "
+                                              "point (tokens)")):
+            rows = [[label] + [fmt_mean_std(at_tokens(result, names, t, metric)) for t in points]
+                    for label, names in g.items()]
+            rep.table(["method", *(f"{t:,}" for t in points)], rows, caption=caption)
     verdict_blocks(rep, found)
