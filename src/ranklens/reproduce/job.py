@@ -71,7 +71,9 @@ def activations_step(plan: Plan) -> Step:
     config = {"collect": cfg.model_dump(mode="json")}
 
     def run(ctx) -> dict[str, Any]:
-        for source, result in finished_elsewhere(plan.cfg.reuse, "activations", config):
+        elsewhere = finished_elsewhere(plan.cfg.reuse, "activations", config)
+        if elsewhere:
+            source, result = elsewhere[0]
             return {**result, "reused_from": str(source)}
         store = ctx.store()
         return {"store": str(plan.store_dir.relative_to(plan.out)), "n_tokens": store.n_tokens,
