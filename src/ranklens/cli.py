@@ -102,32 +102,24 @@ def _cmd_sites(args: argparse.Namespace) -> None:
 
 def _cmd_collect(args: argparse.Namespace) -> None:
     from ranklens.data.collect import collect
-    from ranklens.distributed import init_from_env, is_main, shutdown
+    from ranklens.distributed import is_main, process_group
 
     cfg = _config(args, CollectConfig)
-    distributed = init_from_env(cfg.device)  # under torchrun: the ranks share the batches
-    main = is_main()
-    try:
+    with process_group(cfg.device):  # under torchrun: the ranks share the batches
+        main = is_main()
         store = collect(cfg, args.out, progress=not args.quiet)
-    finally:
-        if distributed:
-            shutdown()
     if main:
         print(f"{store.n_tokens} tokens of {', '.join(store.sites)} in {args.out}")
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> None:
-    from ranklens.distributed import init_from_env, is_main, shutdown
+    from ranklens.distributed import is_main, process_group
     from ranklens.spectrum.job import run_spectrum
 
     cfg = _config(args, SpectrumConfig)
-    distributed = init_from_env(cfg.device)  # under torchrun: the ranks share the accumulation
-    main = is_main()
-    try:
+    with process_group(cfg.device) as distributed:  # under torchrun: the ranks share the accumulation
+        main = is_main()
         result = run_spectrum(cfg, args.out, progress=not args.quiet, command=_command_line(), distributed=distributed)
-    finally:
-        if distributed:
-            shutdown()
     if main:
         print(spectrum_table(result))
         print(f"report: {Path(args.out) / 'report.html'}")
@@ -142,15 +134,11 @@ def _cmd_train_sae(args: argparse.Namespace) -> None:
         if getattr(args, one) is not None and getattr(args, many) is not None:
             raise RanklensError(f"give {flag(many)} (one SAE per value) or {flag(one)} (one), not both")
     cfg = _config(args, SAETrainConfig)
-    from ranklens.distributed import init_from_env, is_main, shutdown
+    from ranklens.distributed import is_main, process_group
 
-    distributed = init_from_env(cfg.device)  # under torchrun: the ranks share the batch (and the features)
-    main = is_main()
-    try:
+    with process_group(cfg.device):  # under torchrun: the ranks share the batch (and the features)
+        main = is_main()
         metrics = train_sae(cfg, args.out, progress=not args.quiet)
-    finally:
-        if distributed:
-            shutdown()
     if not main or not metrics:
         return
     if cfg.sites is not None:
@@ -183,17 +171,13 @@ def _cmd_eval_sae(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_lorsa(args: argparse.Namespace) -> None:
-    from ranklens.distributed import init_from_env, is_main, shutdown
+    from ranklens.distributed import is_main, process_group
     from ranklens.train.lorsa_job import train_lorsa
 
     cfg = _config(args, LorsaTrainConfig)
-    distributed = init_from_env(cfg.device)  # under torchrun: the ranks share every batch's sequences
-    main = is_main()
-    try:
+    with process_group(cfg.device):  # under torchrun: the ranks share every batch's sequences
+        main = is_main()
         metrics = train_lorsa(cfg, args.out, progress=not args.quiet)
-    finally:
-        if distributed:
-            shutdown()
     if not main:
         return
     print(dictionary_table(metrics))

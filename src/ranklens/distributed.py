@@ -54,10 +54,22 @@ def init_from_env(device: str) -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group (after a job; torchrun warns about groups left open)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[bool]:
+    """torchrun's process group around one job; yields whether this process is one of several ranks (False, and
+    nothing to do, outside torchrun).
+
+    Every rank destroys the group when its job ends (torchrun warns about groups left open). No barrier first:
+    ``spectrum``'s rank 0 works alone after the last collective (statistics, comparisons, the report), for longer than
+    a collective's timeout on big models, so a job ending in an asymmetric collective retires it with a barrier of its
+    own (``ranklens.spectrum.distributed.gather_accumulators``).
+    """
+    distributed = init_from_env(device)
+    try:
+        yield distributed
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def broadcast_error(message: str | None) -> None:

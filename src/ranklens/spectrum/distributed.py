@@ -42,4 +42,7 @@ def gather_accumulators(accs: Sequence[CovarianceAccumulator]) -> list[Covarianc
                  "scatter": parts["scatter"][r].to(acc.device)}, norm_clip_sigma=acc.norm_clip_sigma,
                 device=acc.device, gram_dtype=acc.gram_dtype) for r, c in enumerate(count_bucket)]
             merged.append(CovarianceAccumulator.merge_all(pieces))
+    # Every rank's sends are retired before any rank leaves: the other ranks exit now while rank 0 works on, and a
+    # rank tearing its group down with a gather in flight aborted once in gloo (CI, 2026-12-06).
+    dist.barrier()
     return merged
