@@ -38,3 +38,17 @@ def test_shared_held_out_set_equals_own(tiny_dir, tmp_path):
     assert other["eval_tokens"] == 700 and other["lm_eval_tokens"] >= 300
     with pytest.raises(RanklensError, match="not this run's"):
         train_sae(_cfg(tiny_dir, store, eval_tokens=500), tmp_path / "bad", progress=False, lm=lm, held_out=shared)
+
+
+def test_a_held_out_text_shorter_than_asked_is_said(tiny_dir, tmp_path, capsys):
+    lm = load_model(str(tiny_dir / "model"), "float32")
+    store = tmp_path / "store"
+    collect(CollectConfig(model=str(tiny_dir / "model"), sites="L1.attn_out", corpus=str(tiny_dir / "corpus"),
+                          tokens=3000, context_length=64, dtype="float32"), store, progress=False, lm=lm)
+    source = ActivationStore(store).held_out()
+    enough = HeldOutSet(lm, ["L1.attn_out"], source, 700, 0)
+    assert enough.n_tokens == 700 and "warning" not in capsys.readouterr().err
+    everything = HeldOutSet(lm, ["L1.attn_out"], source, 10**7, 0)
+    n = sum(rows.shape[0] for rows in everything.activations("L1.attn_out"))
+    assert 700 < everything.n_tokens == n < 10**7
+    assert f"gives {n:,} of the 10,000,000 evaluation tokens" in capsys.readouterr().err

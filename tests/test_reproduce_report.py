@@ -102,3 +102,19 @@ def test_a_training_curve_figure_per_sae_cell(tmp_path, standard):
     assert figures == sorted(kept)
     page = (out / "report.html").read_text()
     assert "Training curves" in page and all(f"{cell} (5 seeds). A: FVU" in page for cell in kept)
+
+
+def test_report_states_held_out_tokens_the_text_could_not_give():
+    from ranklens.reproduce.presets import ReproduceConfig
+    from ranklens.reproduce.report import held_out_counts, scale
+
+    records = {"budget": {"result": {"runs": {"a": {"metrics": {"fvu": 0.1, "eval_tokens": 47015},
+                                                     "curve": [{"fvu": 0.2, "eval_tokens": 47015}]}}}},
+               "asi": {"result": {"cells": [{"fvu": 0.3, "eval_tokens": 2048, "n": 5}]}}}
+    assert held_out_counts(records) == {47015, 2048}
+    cfg = ReproduceConfig.load(preset="quick")  # eval_tokens 2,048
+    plan = {"d_model": 64, "n_layers": 3, "middle_layer": 1, "sweep_layers": [0, 1]}
+    key = "held-out tokens (FVU / LM loss)"
+    assert scale(cfg, plan, {2048})[key] == scale(cfg, plan)[key] == "2,048 / 512"
+    assert scale(cfg, plan, {2048, 1500})[key] == ("2,048 / 512; the held-out text gave only 1,500 to some "
+                                                    "evaluations (the corpus ran out)")

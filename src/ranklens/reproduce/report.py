@@ -45,8 +45,20 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def scale(cfg: ReproduceConfig, plan_info: dict[str, Any]) -> dict[str, Any]:
-    """The tokens and sizes a run used, for the report's first table."""
+def held_out_counts(records: Any) -> set[int]:
+    """Every held-out token count the runs' evaluations used (``eval_tokens`` beside an ``fvu``), anywhere in the
+    step records: fewer than the config asks when the held-out text runs out."""
+    if isinstance(records, dict):
+        found = {int(records["eval_tokens"])} if "fvu" in records and "eval_tokens" in records else set()
+        return found.union(*(held_out_counts(v) for v in records.values()))
+    if isinstance(records, list):
+        return set().union(*(held_out_counts(v) for v in records))
+    return set()
+
+
+def scale(cfg: ReproduceConfig, plan_info: dict[str, Any], used: set[int] | None = None) -> dict[str, Any]:
+    """The tokens and sizes a run used, for the report's first table; `used`: the held-out token counts the
+    evaluations used (``held_out_counts``), stated where they fall short of the config."""
     d = plan_info["d_model"]
     base = ReproduceConfig.load(preset=cfg.preset, paper=cfg.paper)
     overrides = [f"{k}={v}" for k, v in cfg.model_dump().items() if v != getattr(base, k)]
@@ -98,6 +110,10 @@ def scale(cfg: ReproduceConfig, plan_info: dict[str, Any]) -> dict[str, Any]:
             rows["learning-rate sweep"] = (f"{', '.join(f'{lr:g}' for lr in cfg.lr_sweep)} over "
                                            f"{cfg.lr_sweep_tokens:,} tokens")
     rows["held-out tokens (FVU / LM loss)"] = f"{cfg.eval_tokens:,} / {cfg.lm_eval_tokens:,}"
+    short = sorted(n for n in used or () if n < cfg.eval_tokens)
+    if short:
+        rows["held-out tokens (FVU / LM loss)"] += (f"; the held-out text gave only {', '.join(f'{n:,}' for n in short)}"
+                                                    " to some evaluations (the corpus ran out)")
     rows["significance level"] = cfg.alpha
     return rows
 
@@ -185,7 +201,7 @@ def build(out: Path, cfg: ReproduceConfig, plan_info: dict[str, Any], experiment
     software = {**software_versions(), "git_commit": git_commit()}
     results = {
         "format": RESULTS_FORMAT, "command": command, "config": cfg.model_dump(mode="json"),
-        "plan": plan_info, "scale": scale(cfg, plan_info), "software": software,
+        "plan": plan_info, "scale": scale(cfg, plan_info, held_out_counts(records)), "software": software,
         "wall_seconds": sum(r["wall_seconds"] for r in records.values()),
         "steps": {name: {**rec, "verdicts": [v.to_json() for v in found.get(name, [])]}
                   for name, rec in records.items()},
