@@ -56,13 +56,11 @@ class HeldOutSet:
         self.sites = tuple(s.name for s in parsed)
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.sites}
         capture = Capturer(lm.arch, parsed)
-        self.n_tokens = 0  # what the text gave: eval_tokens, or fewer when it runs out
         with progress_bar(eval_tokens, "held-out activations", enabled=progress) as bar:
             for batch in take_tokens(eval_batches(lm, source), eval_tokens):
                 acts = capture(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device))
                 for name in self.sites:
                     self._rows[name].append(acts[name][batch.stat_mask.to(lm.device)])
-                self.n_tokens += int(batch.stat_mask.sum())
                 bar.update(batch.n_tokens)
         # The same text from its start, cut at lm_eval_tokens scored next-token predictions.
         self.lm_batches = first_tokens(eval_batches(lm, source), lm_eval_tokens, predictions=True) if self.arch.causal else []
@@ -72,6 +70,11 @@ class HeldOutSet:
                   f"{self.n_tokens:,} (a larger corpus, or fewer training tokens, leaves more)", file=sys.stderr)
         self._prefixes: dict[int, list[torch.Tensor | None]] = {}  # per layer: its input for every LM batch
         self._baselines: dict[str, dict[str, float]] = {}
+
+    @property
+    def n_tokens(self) -> int:
+        """The evaluation tokens the text gave: eval_tokens, or fewer when it runs out."""
+        return sum(rows.shape[0] for rows in next(iter(self._rows.values()), []))
 
     def activations(self, site: str) -> list[torch.Tensor]:
         """The evaluation activations of `site`, one [m, d] tensor per batch (model dtype)."""
